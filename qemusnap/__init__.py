@@ -1,0 +1,100 @@
+"""qemusnap: snapshots of QEMU/KVM virtual machines over QMP and qemu-img, without libvirt.
+
+Start with :class:`VM` (``VM.attach``, ``VM.launch``, ``VM.cold``); errors derive from
+:class:`QemuSnapError`.
+"""
+
+import logging
+
+from .engine import VM, RelaunchHook
+from .errors import (
+    BusyError,
+    CommandError,
+    DiskNotFoundError,
+    GuestAgentError,
+    ImageInUseError,
+    InvalidNameError,
+    JobError,
+    LaunchError,
+    MonitorConnectError,
+    MonitorError,
+    OperationError,
+    OperationTimeout,
+    QemuImgError,
+    QemuSnapError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    StoreError,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+    VMNotFoundError,
+)
+from .machine import Drive, Machine, MachineConfig
+from .models import (
+    Chain,
+    CheckOutcome,
+    CheckResult,
+    Consistency,
+    Disk,
+    DiskSnapshot,
+    DiskSnapshotKind,
+    ImageInfo,
+    InternalSnapshotInfo,
+    MemoryKind,
+    Snapshot,
+    SnapshotKind,
+    VMState,
+)
+from .monitor import Monitor
+from .qemu_img import QemuImg
+from .tree import SnapshotTree
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "VM",
+    "Machine",
+    "MachineConfig",
+    "Drive",
+    "Snapshot",
+    "DiskSnapshot",
+    "SnapshotTree",
+    "Chain",
+    "ImageInfo",
+    "CheckResult",
+    "Disk",
+    "Monitor",
+    "QemuImg",
+    "RelaunchHook",
+    "SnapshotKind",
+    "MemoryKind",
+    "Consistency",
+    "VMState",
+    "DiskSnapshotKind",
+    "CheckOutcome",
+    "InternalSnapshotInfo",
+    "QemuSnapError",
+    "UsageError",
+    "InvalidNameError",
+    "SnapshotNotFoundError",
+    "SnapshotExistsError",
+    "TargetExistsError",
+    "DiskNotFoundError",
+    "VMNotFoundError",
+    "UnsupportedError",
+    "OperationError",
+    "MonitorError",
+    "MonitorConnectError",
+    "CommandError",
+    "JobError",
+    "GuestAgentError",
+    "QemuImgError",
+    "ImageInUseError",
+    "LaunchError",
+    "BusyError",
+    "StoreError",
+    "OperationTimeout",
+]
+
+logging.getLogger("qemusnap").addHandler(logging.NullHandler())

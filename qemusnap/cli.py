@@ -1,0 +1,295 @@
+"""The command line: parse, call the async API once, render text or one JSON document."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__
+from .engine import VM
+from .errors import QemuSnapError, UnsupportedError
+from .models import Chain, CheckResult, Snapshot, SnapshotKind
+from .store import Store
+
+log = logging.getLogger("qemusnap.cli")
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
+    """Global options, accepted before the command and (for convenience) after it too."""
+    default: Any = argparse.SUPPRESS if suppress else None
+    parser.add_argument("--qmp", metavar="SOCKET", default=default,
+                        help="live mode: the QMP UNIX socket of a running QEMU")
+    parser.add_argument("--disk", metavar="PATH", action="append", default=default,
+                        help="cold mode: a disk image of a stopped VM (repeat per disk)")
+    parser.add_argument("--state", metavar="DIR", default=default,
+                        help="state directory (default: $QEMUSNAP_STATE or"
+                        " ~/.local/state/qemusnap)")
+    parser.add_argument("--qga", metavar="SOCKET", default=default,
+                        help="qemu-guest-agent socket (for --quiesce)")
+    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress
+                        else False, help="machine-readable output (one JSON document)")
+    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress
+                        else 0, help="more logging; tracebacks on errors")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="qemusnap",
+        description="Snapshots of QEMU/KVM virtual machines over QMP and qemu-img, no libvirt.",
+    )
+    parser.add_argument("--version", action="version", version=f"qemusnap {__version__}")
+    _global_options(parser, suppress=False)
+    common = argparse.ArgumentParser(add_help=False)
+    _global_options(common, suppress=True)
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def command(name: str, help: str) -> argparse.ArgumentParser:
+        return commands.add_parser(name, help=help, description=help, parents=[common])
+
+    create = command("create", "take a snapshot")
+    create.add_argument("name")
+    create.add_argument("--description", default="")
+    create.add_argument("--disk-only", action="store_true", help="no memory state")
+    where = create.add_mutually_exclusive_group()
+    where.add_argument("--internal", action="store_true", help="inside the qcow2 images")
+    where.add_argument("--external", action="store_true", help="new overlay images")
+    create.add_argument("--memory-file", metavar="PATH", help="external checkpoint: RAM here")
+    create.add_argument("--live", action="store_true", help="RAM saved while the guest runs")
+    create.add_argument("--quiesce", action="store_true", help="freeze guest filesystems")
+    create.add_argument("--halt", action="store_true", help="shut the VM off afterwards")
+    create.add_argument("--exclude", metavar="DISK", action="append", default=[])
+    create.add_argument("--overlay", metavar="DISK=PATH", action="append", default=[])
+    create.add_argument("--reuse-external", action="store_true")
+
+    listing = command("list", "list snapshots")
+    listing.add_argument("--tree", action="store_true")
+    ends = listing.add_mutually_exclusive_group()
+    ends.add_argument("--roots", action="store_true")
+    ends.add_argument("--leaves", action="store_true")
+    kinds = listing.add_mutually_exclusive_group()
+    kinds.add_argument("--internal", action="store_true")
+    kinds.add_argument("--external", action="store_true")
+
+    command("info", "show one snapshot").add_argument("name")
+    command("current", "show the current snapshot")
+    command("parent", "show a snapshot's parent").add_argument("name")
+
+    revert = command("revert", "revert the VM to a snapshot")
+    revert.add_argument("name")
+    state = revert.add_mutually_exclusive_group()
+    state.add_argument("--running", action="store_true")
+    state.add_argument("--paused", action="store_true")
+    revert.add_argument("--force", action="store_true",
+                        help="allow losing the current running state")
+
+    delete = command("delete", "delete a snapshot")
+    delete.add_argument("name")
+    scope = delete.add_mutually_exclusive_group()
+    scope.add_argument("--children", action="store_true")
+    scope.add_argument("--children-only", action="store_true")
+    delete.add_argument("--metadata-only", action="store_true")
+
+    command("chain", "show the backing chain of each disk").add_argument("disk", nargs="?")
+    check = command("check", "qemu-img check of every image of every chain")
+    check.add_argument("--repair", choices=("leaks", "all"))
+    command("recover", "repair what an interrupted operation left behind")
+    command("save", "memory-only save; the VM stops").add_argument("file")
+    command("restore", "start the VM again from a saved file").add_argument("file")
+    return parser
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def _snapshot_text(snap: Snapshot) -> str:
+    lines = [
+        f"Name:         {snap.name}",
+        f"Parent:       {snap.parent or '-'}",
+        f"Current:      {'yes' if snap.current else 'no'}",
+        f"Kind:         {snap.kind}",
+        f"Memory:       {snap.memory}" + (f" ({snap.memory_file})" if snap.memory_file else ""),
+        f"Consistency:  {snap.consistency}",
+        f"VM state:     {snap.vm_state}",
+        f"Created:      {snap.created}",
+        f"Description:  {snap.description}",
+    ]
+    lines += [f"Disk {d.name}:  {d.snapshot}  {d.file or ''}".rstrip() for d in snap.disks]
+    return "\n".join(lines)
+
+
+def _list_text(snaps: Sequence[Snapshot]) -> str:
+    if not snaps:
+        return "no snapshots"
+    rows = [("Name", "Created", "Kind", "Memory", "Consistency", "State", "Parent")]
+    rows += [
+        (
+            s.name + (" *" if s.current else ""),
+            s.created,
+            str(s.kind),
+            str(s.memory),
+            str(s.consistency),
+            str(s.vm_state),
+            s.parent or "-",
+        )
+        for s in snaps
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
+                     for r in rows)
+
+
+def _chain_text(chains: Sequence[Chain]) -> str:
+    lines: list[str] = []
+    for chain in chains:
+        lines.append(f"{chain.disk}:")
+        for depth, image in enumerate(chain.images):
+            tags = f"  snapshots: {', '.join(s.name for s in image.snapshots)}" if image.snapshots else ""
+            lead = "  " + "    " * (depth - 1) + "└── " if depth else "  "
+            lines.append(
+                f"{lead}{image.filename} ({image.format}, {image.virtual_size} bytes){tags}"
+            )
+    return "\n".join(lines)
+
+
+def _check_text(results: Sequence[CheckResult]) -> str:
+    def one(r: CheckResult) -> str:
+        text = f"{r.filename}: {r.result}"
+        if r.leaks or r.corruptions:
+            text += f" ({r.leaks} leaked clusters, {r.corruptions} corruptions)"
+        if r.leaks_fixed or r.corruptions_fixed:
+            text += f", repaired {r.leaks_fixed} leaks and {r.corruptions_fixed} corruptions"
+        return text
+
+    return "\n".join(one(r) for r in results)
+
+
+# --- running ------------------------------------------------------------------------------------
+
+
+async def _open(args: argparse.Namespace) -> VM:
+    if args.qmp:
+        return await VM.attach(args.qmp, state_dir=args.state, qga_socket=args.qga)
+    if args.disk:
+        return await VM.cold(args.disk, state_dir=args.state)
+    # Neither: the one VM the state directory knows, live if its QMP socket still answers.
+    with Store(args.state) as store:
+        known = store.vms()
+        socket_path = known[0].qmp_socket if len(known) == 1 else None
+    if socket_path:
+        try:
+            return await VM.attach(socket_path, state_dir=args.state, qga_socket=args.qga,
+                                   timeout=2.0)
+        except QemuSnapError:
+            log.debug("recorded QMP socket %s does not answer: cold mode", socket_path)
+    return await VM.cold([], state_dir=args.state)
+
+
+def _parse_overlays(items: Sequence[str]) -> dict[str, str]:
+    overlays: dict[str, str] = {}
+    for item in items:
+        disk, sep, path = item.partition("=")
+        if not sep or not disk or not path:
+            raise UnsupportedError(f"--overlay wants DISK=PATH, not {item!r}")
+        overlays[disk] = path
+    return overlays
+
+
+async def _run(args: argparse.Namespace) -> Any:
+    """Run one command; returns what to print: (json document, text)."""
+    if args.command in ("save", "restore"):
+        raise UnsupportedError(f"{args.command} is not built yet")
+    async with await _open(args) as vm:
+        match args.command:
+            case "create":
+                snap = await vm.create(
+                    args.name,
+                    description=args.description,
+                    disk_only=args.disk_only,
+                    internal=True if args.internal else False if args.external else None,
+                    memory_file=args.memory_file,
+                    live=args.live,
+                    quiesce=args.quiesce,
+                    halt=args.halt,
+                    exclude=args.exclude,
+                    overlays=_parse_overlays(args.overlay),
+                    reuse_external=args.reuse_external,
+                )
+                return snap.to_json(), f"Snapshot {snap.name} created"
+            case "list":
+                tree = vm.tree()
+                kind = (SnapshotKind.INTERNAL if args.internal
+                        else SnapshotKind.EXTERNAL if args.external else None)
+                snaps = tree.filtered(roots=args.roots, leaves=args.leaves, kind=kind)
+                text = tree.render() if args.tree else _list_text(snaps)
+                return [s.to_json() for s in snaps], text or "no snapshots"
+            case "info":
+                snap = vm.info(args.name)
+                return snap.to_json(), _snapshot_text(snap)
+            case "current":
+                current = vm.current()
+                if current is None:
+                    return None, "no current snapshot"
+                return current.to_json(), current.name
+            case "parent":
+                parent = vm.parent(args.name)
+                if parent is None:
+                    return None, f"{args.name} has no parent"
+                return parent.to_json(), parent.name
+            case "revert":
+                snap = await vm.revert(args.name, running=args.running, paused=args.paused,
+                                       force=args.force)
+                return snap.to_json(), f"Reverted to {snap.name}"
+            case "delete":
+                removed = await vm.delete(args.name, children=args.children,
+                                          children_only=args.children_only,
+                                          metadata_only=args.metadata_only)
+                text = "Deleted " + ", ".join(removed) if removed else "Nothing to delete"
+                return {"deleted": removed}, text
+            case "chain":
+                chains = await vm.chains(args.disk)
+                return [c.to_json() for c in chains], _chain_text(chains)
+            case "check":
+                results = await vm.check(args.repair)
+                return [r.to_json() for r in results], _check_text(results)
+            case "recover":
+                await vm.recover()
+                return {"recovered": True}, "State directory and images are consistent"
+    raise UnsupportedError(f"unknown command {args.command}")  # pragma: no cover
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split()) or type(exc).__name__
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else
+        logging.WARNING,
+        format="qemusnap: %(message)s",
+    )
+    try:
+        document, text = asyncio.run(_run(args))
+    except QemuSnapError as exc:
+        if args.verbose:
+            log.exception("failed")
+        print(f"qemusnap: error: {_one_line(exc)}", file=sys.stderr)
+        return exc.exit_code
+    except Exception as exc:  # a bug: still one line, unless -v
+        if args.verbose:
+            log.exception("failed")
+        print(f"qemusnap: internal error: {_one_line(exc)}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("qemusnap: interrupted", file=sys.stderr)
+        return 130
+    if args.json:
+        print(json.dumps(document, indent=2))
+    elif text:
+        print(text)
+    return 0

@@ -1,0 +1,459 @@
+"""The state directory: snapshot metadata (SQLite), the operation journal, per-VM locks.
+
+Layout of a state directory::
+
+    qemusnap.db              SQLite (WAL): vms, disks, snapshots, owned files, journal
+    locks/vm-<id>.lock       flock()ed by the one operation running on that VM
+    vms/<id>/memory/         default place of memory files (mode 0700)
+
+The store is qemusnap's memory of what it did; the images are the truth about data.  Every
+multi-step operation writes a journal entry before its first irreversible step and removes it
+when done, so the next command finds an interrupted one (see ``Engine.recover``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import sqlite3
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import attrs
+
+from .errors import BusyError, SnapshotExistsError, SnapshotNotFoundError, StoreError
+from .models import (
+    Consistency,
+    DiskSnapshot,
+    MemoryKind,
+    Snapshot,
+    SnapshotKind,
+    VMState,
+)
+
+SCHEMA_VERSION = 1
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS vms (
+    id INTEGER PRIMARY KEY,
+    name TEXT NOT NULL,
+    created TEXT NOT NULL,
+    current TEXT,                 -- name of the current snapshot (virsh's "current")
+    qmp_socket TEXT,              -- last QMP socket seen for this VM
+    launch TEXT                   -- JSON: how to start this VM again (argv, ...), or NULL
+);
+CREATE TABLE IF NOT EXISTS disks (
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    position INTEGER NOT NULL,
+    name TEXT NOT NULL,
+    file TEXT NOT NULL,           -- the active image
+    format TEXT NOT NULL,
+    PRIMARY KEY (vm_id, name)
+);
+CREATE TABLE IF NOT EXISTS snapshots (
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,
+    seq INTEGER NOT NULL,
+    parent TEXT,
+    kind TEXT NOT NULL,
+    memory TEXT NOT NULL,
+    memory_file TEXT,
+    consistency TEXT NOT NULL,
+    vm_state TEXT NOT NULL,
+    created TEXT NOT NULL,
+    description TEXT NOT NULL DEFAULT '',
+    disks TEXT NOT NULL,          -- JSON list of DiskSnapshot
+    PRIMARY KEY (vm_id, name)
+);
+CREATE TABLE IF NOT EXISTS files (
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    path TEXT NOT NULL,
+    owned INTEGER NOT NULL,       -- 1: qemusnap created it and may delete it
+    role TEXT NOT NULL,           -- base | overlay | memory
+    PRIMARY KEY (vm_id, path)
+);
+CREATE TABLE IF NOT EXISTS journal (
+    id INTEGER PRIMARY KEY,
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    operation TEXT NOT NULL,
+    started TEXT NOT NULL,
+    pid INTEGER NOT NULL,
+    data TEXT NOT NULL            -- JSON, grows as the operation goes
+);
+"""
+
+
+def default_state_dir() -> Path:
+    """``$QEMUSNAP_STATE``, else ``$XDG_STATE_HOME/qemusnap``, else ``~/.local/state/qemusnap``."""
+    if env := os.environ.get("QEMUSNAP_STATE"):
+        return Path(env)
+    base = os.environ.get("XDG_STATE_HOME") or str(Path.home() / ".local" / "state")
+    return Path(base) / "qemusnap"
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+
+
+@attrs.frozen
+class DiskRecord:
+    name: str
+    file: str
+    format: str
+
+
+@attrs.frozen
+class VMRecord:
+    id: int
+    name: str
+    current: str | None
+    qmp_socket: str | None
+    launch: dict[str, Any] | None
+    disks: tuple[DiskRecord, ...]
+
+
+@attrs.frozen
+class JournalEntry:
+    id: int
+    vm_id: int
+    operation: str
+    started: str
+    pid: int
+    data: dict[str, Any]
+
+
+class Store:
+    """One state directory.  Synchronous: every call is a short SQLite transaction."""
+
+    def __init__(self, directory: str | os.PathLike[str] | None = None) -> None:
+        self.directory = Path(directory) if directory is not None else default_state_dir()
+        try:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
+            self._db = sqlite3.connect(
+                self.directory / "qemusnap.db", timeout=30, isolation_level=None
+            )
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+        except (OSError, sqlite3.Error) as exc:
+            raise StoreError(f"state directory {self.directory} is unusable: {exc}") from exc
+
+    def close(self) -> None:
+        self._db.close()
+
+    def __enter__(self) -> Store:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+        except sqlite3.Error as exc:
+            raise StoreError(f"state database error: {exc}") from exc
+
+    # --- VMs ------------------------------------------------------------------------------
+
+    def vms(self) -> list[VMRecord]:
+        rows = self._db.execute("SELECT id FROM vms ORDER BY id").fetchall()
+        return [self.vm(row["id"]) for row in rows]
+
+    def vm(self, vm_id: int) -> VMRecord:
+        row = self._db.execute("SELECT * FROM vms WHERE id=?", (vm_id,)).fetchone()
+        if row is None:
+            raise StoreError(f"no VM {vm_id} in {self.directory}")
+        disks = tuple(
+            DiskRecord(d["name"], d["file"], d["format"])
+            for d in self._db.execute(
+                "SELECT * FROM disks WHERE vm_id=? ORDER BY position", (vm_id,)
+            )
+        )
+        return VMRecord(
+            id=row["id"],
+            name=row["name"],
+            current=row["current"],
+            qmp_socket=row["qmp_socket"],
+            launch=json.loads(row["launch"]) if row["launch"] else None,
+            disks=disks,
+        )
+
+    def find_vm(self, files: Iterable[str]) -> VMRecord | None:
+        """The VM that owns or uses any of these image files (active, base or overlay)."""
+        files = list(files)
+        if not files:
+            return None
+        marks = ",".join("?" * len(files))
+        rows = self._db.execute(
+            f"SELECT DISTINCT vm_id FROM files WHERE path IN ({marks}) "
+            f"UNION SELECT DISTINCT vm_id FROM disks WHERE file IN ({marks})",
+            [*files, *files],
+        ).fetchall()
+        ids = sorted({r[0] for r in rows})
+        if len(ids) > 1:
+            raise StoreError(f"images {files} belong to several VMs in {self.directory}: {ids}")
+        return self.vm(ids[0]) if ids else None
+
+    def add_vm(self, name: str, disks: Iterable[DiskRecord], base_files: Iterable[str]) -> VMRecord:
+        with self._tx() as db:
+            vm_id = db.execute(
+                "INSERT INTO vms (name, created) VALUES (?, ?)", (name, utc_now())
+            ).lastrowid
+            assert vm_id is not None
+            self._write_disks(db, vm_id, disks)
+            for path in base_files:
+                db.execute(
+                    "INSERT OR IGNORE INTO files (vm_id, path, owned, role) VALUES (?,?,0,'base')",
+                    (vm_id, path),
+                )
+        return self.vm(vm_id)
+
+    @staticmethod
+    def _write_disks(db: sqlite3.Connection, vm_id: int, disks: Iterable[DiskRecord]) -> None:
+        db.execute("DELETE FROM disks WHERE vm_id=?", (vm_id,))
+        for position, disk in enumerate(disks):
+            db.execute(
+                "INSERT INTO disks (vm_id, position, name, file, format) VALUES (?,?,?,?,?)",
+                (vm_id, position, disk.name, disk.file, disk.format),
+            )
+
+    def set_disks(self, vm_id: int, disks: Iterable[DiskRecord]) -> None:
+        with self._tx() as db:
+            self._write_disks(db, vm_id, disks)
+
+    def set_vm_info(
+        self,
+        vm_id: int,
+        *,
+        qmp_socket: str | None = None,
+        launch: dict[str, Any] | None = None,
+    ) -> None:
+        with self._tx() as db:
+            if qmp_socket is not None:
+                db.execute("UPDATE vms SET qmp_socket=? WHERE id=?", (qmp_socket, vm_id))
+            if launch is not None:
+                db.execute("UPDATE vms SET launch=? WHERE id=?", (json.dumps(launch), vm_id))
+
+    def set_current(self, vm_id: int, name: str | None) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE vms SET current=? WHERE id=?", (name, vm_id))
+
+    def memory_dir(self, vm_id: int) -> Path:
+        path = self.directory / "vms" / str(vm_id) / "memory"
+        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        return path
+
+    # --- snapshots ------------------------------------------------------------------------
+
+    def snapshots(self, vm_id: int) -> list[Snapshot]:
+        current = self.vm(vm_id).current
+        rows = self._db.execute(
+            "SELECT * FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,)
+        ).fetchall()
+        return [_snapshot_from_row(row, current) for row in rows]
+
+    def snapshot(self, vm_id: int, name: str) -> Snapshot:
+        row = self._db.execute(
+            "SELECT * FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
+        ).fetchone()
+        if row is None:
+            raise SnapshotNotFoundError(f"no snapshot named {name!r}")
+        return _snapshot_from_row(row, self.vm(vm_id).current)
+
+    def has_snapshot(self, vm_id: int, name: str) -> bool:
+        row = self._db.execute(
+            "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
+        ).fetchone()
+        return row is not None
+
+    def add_snapshot(self, vm_id: int, snap: Snapshot, *, make_current: bool = True) -> None:
+        with self._tx() as db:
+            if db.execute(
+                "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
+            ).fetchone():
+                raise SnapshotExistsError(f"a snapshot named {snap.name!r} exists already")
+            seq = db.execute(
+                "SELECT COALESCE(MAX(seq), 0) + 1 FROM snapshots WHERE vm_id=?", (vm_id,)
+            ).fetchone()[0]
+            db.execute(
+                "INSERT INTO snapshots (vm_id, name, seq, parent, kind, memory, memory_file,"
+                " consistency, vm_state, created, description, disks)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (
+                    vm_id,
+                    snap.name,
+                    seq,
+                    snap.parent,
+                    str(snap.kind),
+                    str(snap.memory),
+                    snap.memory_file,
+                    str(snap.consistency),
+                    str(snap.vm_state),
+                    snap.created,
+                    snap.description,
+                    json.dumps([d.to_json() for d in snap.disks]),
+                ),
+            )
+            if make_current:
+                db.execute("UPDATE vms SET current=? WHERE id=?", (snap.name, vm_id))
+
+    def remove_snapshots(self, vm_id: int, names: Iterable[str], reparent: dict[str, str | None]) -> None:
+        """Drop snapshots; ``reparent`` maps surviving children to their new parent."""
+        names = list(names)
+        with self._tx() as db:
+            for child, parent in reparent.items():
+                db.execute(
+                    "UPDATE snapshots SET parent=? WHERE vm_id=? AND name=?", (parent, vm_id, child)
+                )
+            current = db.execute("SELECT current FROM vms WHERE id=?", (vm_id,)).fetchone()[0]
+            for name in names:
+                row = db.execute(
+                    "SELECT parent FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
+                ).fetchone()
+                db.execute("DELETE FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name))
+                if current == name:
+                    # virsh moves "current" to the deleted snapshot's parent.
+                    current = row[0] if row else None
+                    while current in names:
+                        up = db.execute(
+                            "SELECT parent FROM snapshots WHERE vm_id=? AND name=?",
+                            (vm_id, current),
+                        ).fetchone()
+                        current = up[0] if up else None
+            db.execute("UPDATE vms SET current=? WHERE id=?", (current, vm_id))
+
+    def update_snapshot_disks(self, vm_id: int, name: str, disks: Iterable[DiskSnapshot]) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
+                (json.dumps([d.to_json() for d in disks]), vm_id, name),
+            )
+
+    # --- files ----------------------------------------------------------------------------
+
+    def add_file(self, vm_id: int, path: str, *, owned: bool, role: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO files (vm_id, path, owned, role) VALUES (?,?,?,?)",
+                (vm_id, path, int(owned), role),
+            )
+
+    def owned_files(self, vm_id: int) -> dict[str, str]:
+        rows = self._db.execute(
+            "SELECT path, role FROM files WHERE vm_id=? AND owned=1", (vm_id,)
+        ).fetchall()
+        return {row["path"]: row["role"] for row in rows}
+
+    def is_owned(self, vm_id: int, path: str) -> bool:
+        row = self._db.execute(
+            "SELECT owned FROM files WHERE vm_id=? AND path=?", (vm_id, path)
+        ).fetchone()
+        return bool(row and row[0])
+
+    def forget_file(self, vm_id: int, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM files WHERE vm_id=? AND path=?", (vm_id, path))
+
+    # --- journal --------------------------------------------------------------------------
+
+    def journal_begin(self, vm_id: int, operation: str, data: dict[str, Any]) -> int:
+        with self._tx() as db:
+            entry_id = db.execute(
+                "INSERT INTO journal (vm_id, operation, started, pid, data) VALUES (?,?,?,?,?)",
+                (vm_id, operation, utc_now(), os.getpid(), json.dumps(data)),
+            ).lastrowid
+        assert entry_id is not None
+        return entry_id
+
+    def journal_update(self, entry_id: int, **data: Any) -> None:
+        with self._tx() as db:
+            row = db.execute("SELECT data FROM journal WHERE id=?", (entry_id,)).fetchone()
+            merged = {**json.loads(row[0]), **data}
+            db.execute("UPDATE journal SET data=? WHERE id=?", (json.dumps(merged), entry_id))
+
+    def journal_end(self, entry_id: int) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM journal WHERE id=?", (entry_id,))
+
+    def journal(self, vm_id: int) -> list[JournalEntry]:
+        rows = self._db.execute("SELECT * FROM journal WHERE vm_id=? ORDER BY id", (vm_id,))
+        return [
+            JournalEntry(r["id"], r["vm_id"], r["operation"], r["started"], r["pid"], json.loads(r["data"]))
+            for r in rows
+        ]
+
+    # --- the per-VM lock ------------------------------------------------------------------
+
+    def lock_path(self, vm_id: int) -> Path:
+        return self.directory / "locks" / f"vm-{vm_id}.lock"
+
+
+class VMLock:
+    """A cross-process lock on one VM (``flock``): released by the kernel if we die.
+
+    The holder writes what it is doing into the lock file, so a second process can say who
+    holds the VM in its "busy" error.
+    """
+
+    def __init__(self, path: Path, operation: str) -> None:
+        self.path = path
+        self.operation = operation
+        self._fd: int | None = None
+
+    def try_acquire(self) -> bool:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{self.operation} (pid {os.getpid()}, since {utc_now()})".encode())
+        self._fd = fd
+        return True
+
+    def holder(self) -> str:
+        try:
+            return self.path.read_text() or "another qemusnap operation"
+        except OSError:
+            return "another qemusnap operation"
+
+    def busy_error(self) -> BusyError:
+        return BusyError(f"VM is busy: {self.holder()}")
+
+    def release(self) -> None:
+        if self._fd is not None:
+            with contextlib.suppress(OSError):
+                os.ftruncate(self._fd, 0)
+            os.close(self._fd)
+            self._fd = None
+
+
+def _snapshot_from_row(row: sqlite3.Row, current: str | None) -> Snapshot:
+    return Snapshot(
+        name=row["name"],
+        parent=row["parent"],
+        kind=SnapshotKind(row["kind"]),
+        memory=MemoryKind(row["memory"]),
+        memory_file=row["memory_file"],
+        consistency=Consistency(row["consistency"]),
+        vm_state=VMState(row["vm_state"]),
+        created=row["created"],
+        description=row["description"],
+        disks=tuple(DiskSnapshot.from_json(d) for d in json.loads(row["disks"])),
+        current=row["name"] == current,
+    )

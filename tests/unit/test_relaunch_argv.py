@@ -1,0 +1,43 @@
+from __future__ import annotations
+
+import json
+
+from qemusnap.machine import Drive, MachineConfig, replace_disk_paths, restart_argv
+
+
+def test_replace_disk_paths_in_every_syntax() -> None:
+    argv = [
+        "qemu-system-x86_64",
+        "-drive", "file=rel.qcow2,if=virtio,format=qcow2",
+        "-blockdev", "driver=file,filename=/img/a,,b.qcow2,node-name=f1",
+        "-blockdev", json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": "/img/c.qcow2"}}),
+        "-hda", "/img/d.qcow2",
+        "-qmp", "unix:/run/q.sock,server=on,wait=off",
+    ]
+    replace = {
+        "/vm/rel.qcow2": "/vm/new1.qcow2",
+        "/img/a,b.qcow2": "/img/new,2.qcow2",
+        "/img/c.qcow2": "/img/new3.qcow2",
+        "/img/d.qcow2": "/img/new4.qcow2",
+    }
+    out = replace_disk_paths(argv, replace, "/vm")
+    assert out[2] == "file=/vm/new1.qcow2,if=virtio,format=qcow2"
+    assert out[4] == "driver=file,filename=/img/new,,2.qcow2,node-name=f1"
+    assert json.loads(out[6])["file"]["filename"] == "/img/new3.qcow2"
+    assert out[8] == "/img/new4.qcow2"
+    assert out[10] == "unix:/run/q.sock,server=on,wait=off"  # sockets stay where they were
+
+
+def test_restart_argv_controls_start_state() -> None:
+    argv = ["qemu", "-S", "-incoming", "tcp:0:4444", "-loadvm", "x", "-m", "256"]
+    assert restart_argv(argv, incoming=False) == ["qemu", "-m", "256", "-S"]
+    assert restart_argv(argv, incoming=True) == ["qemu", "-m", "256", "-S", "-incoming", "defer"]
+
+
+def test_machine_argv_has_stable_names() -> None:
+    config = MachineConfig(drives=(Drive("/d/a.qcow2", "vda"),), accel="tcg", qmp_socket="/q")
+    argv = config.argv(paused=True)
+    assert "-S" in argv and "tcg" in argv
+    node = json.loads(argv[argv.index("-blockdev") + 1])
+    assert node["node-name"] == "vda-fmt" and node["file"]["filename"] == "/d/a.qcow2"
+    assert "virtio-blk-pci,drive=vda-fmt,id=vda" in argv
