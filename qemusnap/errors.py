@@ -23,6 +23,7 @@ Cancellation (``asyncio.CancelledError``) is never wrapped.
         ├── GuestAgentError         qemu-guest-agent failed or is unreachable
         ├── QemuImgError            a qemu-img (or qemu-io) run failed
         │   └── ImageInUseError     the image is locked by a running QEMU
+        ├── ProgramNotFoundError    qemu-img / qemu-system-* / ... is not installed
         ├── LaunchError             qemu-system-* did not start
         ├── BusyError               another qemusnap operation holds this VM
         ├── StoreError              the state directory is unusable
@@ -120,6 +121,14 @@ class QemuImgError(OperationError):
 
 class ImageInUseError(QemuImgError):
     """The image is locked (opened for writing) by a running QEMU."""
+
+
+class ProgramNotFoundError(OperationError):
+    """A program qemusnap needs is not installed (or its override does not point at one)."""
+
+    def __init__(self, message: str, *, program: str = "") -> None:
+        super().__init__(message)
+        self.program = program
 
 
 class LaunchError(OperationError):

@@ -1,0 +1,659 @@
+"""``qemu-img`` and ``qemu-io``: one coroutine per subcommand, argv lists, ``--output=json``.
+
+Facts about qemu-img 7.2 this module relies on (see tests/integration/test_qemu_img.py):
+
+- Image locking: a command that cannot take its lock fails with ``Failed to get "write" lock``
+  (it wants to write) or ``Failed to get shared "write" lock`` (it reads and needs nobody to
+  write), followed by ``Is another process using the image [NAME]?``. Both become
+  :class:`ImageInUseError`. ``-U`` (force share) lifts that for readers only; qemu-img itself
+  refuses ``-U`` with a writing command, and so do we, before running anything.
+- A backing file that a running QEMU reads can be read without ``-U`` (QEMU shares reading), but
+  every writing command on it is refused by its lock.
+- ``check`` exits 0 clean, 2 corruptions, 3 leaks only, 1 when the check itself failed (no JSON
+  then), 63 when the format has no checks (raw). With ``-r`` the JSON describes the image after
+  the repair: ``leaks-fixed``/``corruptions-fixed`` and what remains.
+- ``snapshot -c`` accepts a name that exists already (duplicate tags), ``snapshot -a`` looks a
+  snapshot up by ID before name, ``snapshot -d`` by name only. So names are checked here and
+  ``-a`` is given the ID.
+- ``snapshot -l`` has no JSON output; ``info --output=json`` lists the snapshots instead.
+- ``create`` on an existing file truncates it without a word; we create the file ourselves with
+  ``O_EXCL`` and mode 0600 and let qemu-img format it in place (it keeps inode and mode).
+- Relative file names are resolved by QEMU against the current directory for the image named on
+  the command line, but against the overlay's directory for backing file names. Images are
+  therefore always passed as absolute paths (which also keeps a ``-`` or ``proto:`` prefix from
+  being read as an option or protocol); backing names are passed as given.
+"""
+
+# Every public coroutine takes a timeout (DESIGN.md), which ASYNC109 would forbid.
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any, Literal
+
+from . import process
+from .errors import (
+    DiskNotFoundError,
+    ImageInUseError,
+    QemuImgError,
+    QemuSnapError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    TargetExistsError,
+    UnsupportedError,
+    UsageError,
+)
+from .models import (
+    Chain,
+    CheckOutcome,
+    CheckResult,
+    ImageInfo,
+    ImageMeasure,
+    InternalSnapshotInfo,
+)
+from .process import Completed
+
+__all__ = [
+    "ENV_QEMU_IMG",
+    "ENV_QEMU_IO",
+    "QemuImg",
+    "QemuIo",
+    "parse_check",
+    "parse_info",
+]
+
+log = logging.getLogger(__name__)
+
+ENV_QEMU_IMG = "QEMUSNAP_QEMU_IMG"
+ENV_QEMU_IO = "QEMUSNAP_QEMU_IO"
+
+#: Default deadline of one qemu-img run; pass ``timeout=`` for long commits and conversions.
+DEFAULT_TIMEOUT = 300.0
+
+# qemu-img check exit status.
+_CHECK_CLEAN, _CHECK_FAILED, _CHECK_CORRUPT, _CHECK_LEAKS, _CHECK_UNSUPPORTED = 0, 1, 2, 3, 63
+
+_LOCK_RE = re.compile(r'Failed to get (?:shared )?"\w+" lock')
+_LOCKED_IMAGE_RE = re.compile(r"Is another process using the image \[(.*)\]\?")
+_NO_FILE_RE = re.compile(r"Could not open '([^']*)': No such file or directory")
+_PATTERN_FAILED = "Pattern verification failed"
+
+
+# --- parsing (pure) -------------------------------------------------------------------------
+
+
+def _load_json(text: str, what: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError as exc:
+        raise QemuImgError(f"{what}: qemu-img printed no valid JSON: {text[:200]!r}") from exc
+
+
+def parse_info(text: str) -> list[ImageInfo]:
+    """Parse ``qemu-img info --output=json [--backing-chain]``: the images, active first."""
+    data = _load_json(text, "qemu-img info")
+    items = data if isinstance(data, list) else [data]
+    try:
+        return [ImageInfo.from_json(item) for item in items]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise QemuImgError(f"qemu-img info: unexpected JSON ({exc!r})") from exc
+
+
+def parse_check(text: str, returncode: int, *, filename: str, in_use: bool = False) -> CheckResult:
+    """Parse ``qemu-img check --output=json`` and its exit status (0, 2 or 3)."""
+    data = _load_json(text, "qemu-img check")
+    if not isinstance(data, dict):
+        raise QemuImgError(f"qemu-img check: unexpected JSON: {text[:200]!r}")
+    leaks = int(data.get("leaks", 0))
+    corruptions = int(data.get("corruptions", 0))
+    if returncode == _CHECK_CORRUPT or corruptions:
+        outcome = CheckOutcome.CORRUPT
+    elif returncode == _CHECK_LEAKS or leaks:
+        outcome = CheckOutcome.LEAKS
+    else:
+        outcome = CheckOutcome.OK
+    return CheckResult(
+        filename=str(data.get("filename") or filename),
+        result=outcome,
+        leaks=leaks,
+        corruptions=corruptions,
+        leaks_fixed=int(data.get("leaks-fixed", 0)),
+        corruptions_fixed=int(data.get("corruptions-fixed", 0)),
+        in_use=in_use,
+    )
+
+
+# --- errors ---------------------------------------------------------------------------------
+
+
+def _message(done: Completed) -> str:
+    """The line of qemu-img's output that says what went wrong."""
+    prog = os.path.basename(done.argv[0])
+    lines = [line.strip() for line in done.stderr.splitlines() if line.strip()]
+    for line in lines:
+        # error_report() lines carry the program name; the rest is detail (check's ERROR ...).
+        for prefix in (f"{prog}: ", "qemu-img: ", "qemu-io: "):
+            if line.startswith(prefix):
+                return line[len(prefix) :]
+    if lines:
+        return lines[0]
+    # qemu-io reports failed commands ("read failed: ...") on stdout.
+    failed = [line for line in done.stdout.splitlines() if "failed" in line]
+    return failed[0].strip() if failed else f"exit status {done.returncode}"
+
+
+def _error(done: Completed, image: str) -> QemuSnapError:
+    """Translate a failed qemu-img/qemu-io run into the error tree."""
+    prog = os.path.basename(done.argv[0])
+    sub = done.argv[1] if prog.startswith("qemu-img") and len(done.argv) > 1 else ""
+    what = f"{prog} {sub}".strip()
+    if _LOCK_RE.search(done.stderr):
+        m = _LOCKED_IMAGE_RE.search(done.stderr)
+        name = m.group(1) if m else image
+        return ImageInUseError(
+            f"image {name} is in use by a running QEMU ({what} cannot take its lock)",
+            argv=list(done.argv),
+            stderr=done.stderr,
+        )
+    if m := _NO_FILE_RE.search(done.stderr):
+        return DiskNotFoundError(f"no such image file: {m.group(1)}")
+    message = _message(done).removeprefix(f"{image}: ")
+    if "Operation not supported" in message:
+        # e.g. an internal snapshot of a raw image: "Could not create snapshot 'x': -95 (...)"
+        return UnsupportedError(f"{what} on {image}: {message}")
+    return QemuImgError(
+        f"{what} failed on {image}: {message}", argv=list(done.argv), stderr=done.stderr
+    )
+
+
+def _abspath(path: str | os.PathLike[str]) -> str:
+    # No normpath: "a/../b" must mean what the kernel says when "a" is a symlink.
+    path = os.fspath(path)
+    return path if os.path.isabs(path) else os.path.join(os.getcwd(), path)
+
+
+def _options(options: Mapping[str, str] | None) -> list[str]:
+    if not options:
+        return []
+    # QEMU option syntax: a comma inside a value is written twice.
+    return ["-o", ",".join(f"{k}={str(v).replace(',', ',,')}" for k, v in options.items())]
+
+
+def _fmt(fmt: str | None) -> list[str]:
+    # Naming the format avoids probing, which a guest could steer by writing a header to a raw disk.
+    return ["-f", fmt] if fmt else []
+
+
+class _Runner:
+    _program = ""
+    _env_var = ""
+
+    def __init__(self, binary: str | None = None, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._binary = binary
+        self.timeout = timeout
+
+    @property
+    def binary(self) -> str:
+        """The program's path: as given, else ``$QEMUSNAP_QEMU_IMG``/``_IO``, else PATH."""
+        if self._binary is None:
+            self._binary = process.which(self._program, self._env_var)
+        return self._binary
+
+    async def _run(
+        self,
+        args: Sequence[str],
+        image: str,
+        timeout: float | None,
+        *,
+        check: bool = True,
+    ) -> Completed:
+        return await process.run(
+            [self.binary, *args],
+            timeout=self.timeout if timeout is None else timeout,
+            check=check,
+            error=lambda done: _error(done, image),
+        )
+
+
+class QemuImg(_Runner):
+    """Runs ``qemu-img``.
+
+    Every coroutine takes ``timeout``: seconds for each qemu-img run it makes (default: the
+    instance's). Writing commands have no ``force_share``: they never run with ``-U``.
+    """
+
+    _program = "qemu-img"
+    _env_var = ENV_QEMU_IMG
+
+    # --- reading --------------------------------------------------------------------------
+
+    async def info(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        backing_chain: bool = True,
+        force_share: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> list[ImageInfo]:
+        """The image (and with *backing_chain* its backing files), active image first."""
+        path = _abspath(path)
+        args = ["info", "--output=json", *_fmt(fmt)]
+        if backing_chain:
+            args.append("--backing-chain")
+        if force_share:
+            args.append("-U")
+        done = await self._run([*args, path], path, timeout)
+        return parse_info(done.stdout)
+
+    async def chain(
+        self,
+        disk_name: str,
+        path: str | os.PathLike[str],
+        *,
+        force_share: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> Chain:
+        """The backing chain of disk *disk_name* whose active image is *path*."""
+        images = await self.info(path, force_share=force_share, fmt=fmt, timeout=timeout)
+        return Chain(disk=disk_name, images=tuple(images))
+
+    async def check(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        repair: Literal["leaks", "all"] | None = None,
+        force_share: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> CheckResult:
+        """``qemu-img check``; with *repair*, fix leaks (or everything) and report what remains.
+
+        A format without checks (raw) gives ``result=ok, supported=False``. With
+        *force_share* (an image a running QEMU writes) the result can show leaks or
+        corruptions that are only metadata QEMU has not written yet.
+        """
+        path = _abspath(path)
+        if repair is not None and force_share:
+            raise UsageError(
+                f"refusing to repair {path} with force-share: never write an image a running "
+                "QEMU has open"
+            )
+        if repair not in (None, "leaks", "all"):
+            raise UsageError(f"repair must be 'leaks' or 'all', not {repair!r}")
+        args = ["check", "--output=json", *_fmt(fmt)]
+        if repair:
+            args += ["-r", repair]
+        if force_share:
+            args.append("-U")
+        done = await self._run([*args, path], path, timeout, check=False)
+        if done.returncode == _CHECK_UNSUPPORTED and "does not support checks" in done.stderr:
+            return CheckResult(
+                filename=path, result=CheckOutcome.OK, in_use=force_share, supported=False
+            )
+        if done.returncode not in (_CHECK_CLEAN, _CHECK_CORRUPT, _CHECK_LEAKS):
+            # 1: the check could not run to the end (I/O error, or -r leaks on an image that
+            # needs its refcounts rebuilt); qemu-img prints no JSON then.
+            raise _error(done, path)
+        return parse_check(done.stdout, done.returncode, filename=path, in_use=force_share)
+
+    async def measure(
+        self,
+        *,
+        path: str | os.PathLike[str] | None = None,
+        size: int | None = None,
+        fmt: str | None = None,
+        out_fmt: str = "qcow2",
+        options: Mapping[str, str] | None = None,
+        force_share: bool = False,
+        timeout: float | None = None,
+    ) -> ImageMeasure:
+        """Space an *out_fmt* image would need: a copy of *path*, or a new one of *size*."""
+        if (path is None) == (size is None):
+            raise UsageError("measure needs exactly one of path and size")
+        args = ["measure", "--output=json", "-O", out_fmt, *_options(options)]
+        if size is not None:
+            image = f"(new {out_fmt} of {size} bytes)"
+            args += ["--size", str(size)]
+        else:
+            assert path is not None
+            image = _abspath(path)
+            args += [*_fmt(fmt), *(["-U"] if force_share else []), image]
+        done = await self._run(args, image, timeout)
+        data = _load_json(done.stdout, "qemu-img measure")
+        try:
+            return ImageMeasure.from_json(data)
+        except (KeyError, TypeError, ValueError) as exc:
+            raise QemuImgError(f"qemu-img measure: unexpected JSON ({exc!r})") from exc
+
+    async def image_in_use(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        for_write: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
+        """Whether a running QEMU holds *path*.
+
+        By default: whether one writes it (reading then needs ``force_share``). With
+        *for_write*: whether any process has it open in a way that blocks writing (this also
+        catches the backing files of a running VM). That probe opens only the file layer
+        read-write, asks it for a snapshot that cannot exist, and so changes nothing.
+        """
+        path = _abspath(path)
+        try:
+            if for_write:
+                spec = "driver=file,filename=" + path.replace(",", ",,")
+                args = ["snapshot", "-d", "qemusnap-probe", "--image-opts", spec]
+                done = await self._run(args, path, timeout, check=False)
+                if done.returncode != 0 and "snapshot not found" not in done.stderr:
+                    raise _error(done, path)
+            else:
+                await self.info(path, backing_chain=False, timeout=timeout)
+        except ImageInUseError:
+            return True
+        return False
+
+    # --- internal snapshots ---------------------------------------------------------------
+
+    async def snapshot_list(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        force_share: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> list[InternalSnapshotInfo]:
+        """The internal snapshots of *path*, oldest first."""
+        # qemu-img 7.2 "snapshot -l" has no --output=json; info lists the same table.
+        images = await self.info(
+            path, backing_chain=False, force_share=force_share, fmt=fmt, timeout=timeout
+        )
+        return list(images[0].snapshots)
+
+    async def _find_snapshot(
+        self, path: str, name: str, fmt: str | None, timeout: float | None
+    ) -> InternalSnapshotInfo:
+        found = [
+            s for s in await self.snapshot_list(path, fmt=fmt, timeout=timeout) if s.name == name
+        ]
+        if not found:
+            raise SnapshotNotFoundError(f"image {path} has no internal snapshot named {name!r}")
+        if len(found) > 1:
+            raise UnsupportedError(
+                f"image {path} has {len(found)} internal snapshots named {name!r} "
+                f"(IDs {', '.join(s.id for s in found)}); refusing to guess"
+            )
+        return found[0]
+
+    async def snapshot_create(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Create internal snapshot *name* (``qemu-img snapshot -c``); names must be new."""
+        path = _abspath(path)
+        if not name:
+            raise UsageError("an internal snapshot needs a name")
+        existing = await self.snapshot_list(path, fmt=fmt, timeout=timeout)
+        if any(s.name == name for s in existing):
+            raise SnapshotExistsError(f"image {path} already has an internal snapshot {name!r}")
+        await self._run(["snapshot", *_fmt(fmt), "-c", name, path], path, timeout)
+
+    async def snapshot_apply(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Revert the image to internal snapshot *name* (``qemu-img snapshot -a``)."""
+        path = _abspath(path)
+        snap = await self._find_snapshot(path, name, fmt, timeout)
+        # -a tries IDs before names: a snapshot *named* "2" would lose to the one with ID 2.
+        await self._run(["snapshot", *_fmt(fmt), "-a", snap.id, path], path, timeout)
+
+    async def snapshot_delete(
+        self,
+        path: str | os.PathLike[str],
+        name: str,
+        *,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Delete internal snapshot *name* (``qemu-img snapshot -d``)."""
+        path = _abspath(path)
+        await self._find_snapshot(path, name, fmt, timeout)
+        # -d looks up names only (unlike -a), and the name is unique here.
+        await self._run(["snapshot", *_fmt(fmt), "-d", name, path], path, timeout)
+
+    # --- images ---------------------------------------------------------------------------
+
+    async def create(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        fmt: str = "qcow2",
+        size: int | None = None,
+        backing: str | None = None,
+        backing_fmt: str | None = None,
+        mode: int = 0o600,
+        options: Mapping[str, str] | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Create a new image; an existing *path* is never touched (:class:`TargetExistsError`).
+
+        *size* may be omitted with *backing* (the overlay takes the backing file's size). A
+        relative *backing* name is relative to the new image's directory, as QEMU reads it.
+        On failure or cancellation the file this call created is removed.
+        """
+        path = _abspath(path)
+        if size is None and backing is None:
+            raise UsageError(f"cannot create {path}: give a size or a backing file")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, mode)
+        except FileExistsError as exc:
+            raise TargetExistsError(f"{path} exists already (it is never overwritten)") from exc
+        except FileNotFoundError as exc:
+            raise UsageError(f"cannot create {path}: no such directory") from exc
+        except OSError as exc:
+            raise QemuImgError(f"cannot create {path}: {exc.strerror or exc}") from exc
+        try:
+            os.fchmod(fd, mode)  # exactly *mode*, whatever the umask
+            made = os.fstat(fd)
+        finally:
+            os.close(fd)
+
+        args = ["create", "-f", fmt]
+        if backing is not None:
+            args += ["-b", backing]
+            if backing_fmt:
+                args += ["-F", backing_fmt]
+        args += [*_options(options), path]
+        if size is not None:
+            args.append(str(size))
+        try:
+            await self._run(args, path, timeout)
+        except BaseException:
+            _remove_if_same(path, made)
+            raise
+
+    async def commit(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        base: str | None = None,
+        keep_top: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Write *path*'s data into its backing file, or down to *base* in its chain.
+
+        qemu-img empties *path* afterwards unless *keep_top* (``-d``); with *base* it never
+        empties it (``-b`` implies ``-d``), and the images between are no longer valid.
+        """
+        path = _abspath(path)
+        args = ["commit", *_fmt(fmt)]
+        if base is not None:
+            args += ["-b", base]
+        if keep_top:
+            args.append("-d")
+        await self._run([*args, path], path, timeout)
+
+    async def rebase(
+        self,
+        path: str | os.PathLike[str],
+        backing: str | None,
+        backing_fmt: str | None = None,
+        *,
+        unsafe: bool = False,
+        fmt: str | None = None,
+        timeout: float | None = None,
+    ) -> None:
+        """Make *backing* (None or ``""``: nothing) the backing file of *path*.
+
+        Safe mode copies into *path* whatever differs between the old and the new backing
+        chain, so the guest-visible content stays the same; *unsafe* (``-u``) only rewrites
+        the header.
+        """
+        path = _abspath(path)
+        args = ["rebase", *_fmt(fmt)]
+        if unsafe:
+            args.append("-u")
+        args += ["-b", backing or ""]
+        if backing and backing_fmt:
+            args += ["-F", backing_fmt]
+        await self._run([*args, path], path, timeout)
+
+
+def _remove_if_same(path: str, made: os.stat_result) -> None:
+    """Unlink *path* only if it is still the file we created (never someone else's)."""
+    try:
+        now = os.lstat(path)
+        if (now.st_dev, now.st_ino) == (made.st_dev, made.st_ino):
+            os.unlink(path)
+    except FileNotFoundError:
+        pass  # qcow2 creation deletes its file itself when it fails
+    except OSError as exc:
+        log.warning("could not remove half-made image %s: %s", path, exc)
+
+
+class QemuIo(_Runner):
+    """Runs ``qemu-io``: writes and verifies byte patterns (the qemu-iotests idiom)."""
+
+    _program = "qemu-io"
+    _env_var = ENV_QEMU_IO
+
+    async def run(
+        self,
+        image: str,
+        commands: Iterable[str],
+        *,
+        fmt: str | None = None,
+        read_only: bool = False,
+        force_share: bool = False,
+        check: bool = True,
+        timeout: float | None = None,
+    ) -> Completed:
+        """Run qemu-io *commands* (``-c``) on *image*: an absolute path or a URI (``nbd+unix:``).
+
+        qemu-io runs every command even after one failed and then exits 1.
+        """
+        if force_share and not read_only:
+            raise UsageError("force-share is only for read-only access")
+        args: list[str] = [*_fmt(fmt)]
+        if read_only:
+            args.append("-r")
+        if force_share:
+            args.append("-U")
+        for command in commands:
+            args += ["-c", command]
+        return await self._run([*args, image], image, timeout, check=check)
+
+    async def write_pattern(
+        self,
+        path: str | os.PathLike[str],
+        pattern: int,
+        offset: int,
+        length: int,
+        *,
+        fmt: str,
+        timeout: float | None = None,
+    ) -> None:
+        """Fill ``length`` bytes at ``offset`` with the byte *pattern*."""
+        image = _abspath(path)
+        done = await self.run(
+            image, [f"write -P {_byte(pattern)} {offset} {length}"], fmt=fmt, timeout=timeout
+        )
+        if "wrote " not in done.stdout:
+            raise _error(done, image)
+
+    async def verify_pattern(
+        self,
+        path: str | os.PathLike[str],
+        pattern: int,
+        offset: int,
+        length: int,
+        *,
+        fmt: str,
+        force_share: bool = False,
+        timeout: float | None = None,
+    ) -> bool:
+        """Whether ``length`` bytes at ``offset`` all equal *pattern* (read-only)."""
+        return await self._verify(
+            _abspath(path), pattern, offset, length, fmt, force_share, timeout
+        )
+
+    async def read_pattern_nbd(
+        self,
+        uri: str,
+        pattern: int,
+        offset: int,
+        length: int,
+        *,
+        timeout: float | None = None,
+    ) -> bool:
+        """Like :meth:`verify_pattern` on an NBD export (``nbd+unix:///NAME?socket=PATH``)."""
+        return await self._verify(uri, pattern, offset, length, "raw", False, timeout)
+
+    async def _verify(
+        self,
+        image: str,
+        pattern: int,
+        offset: int,
+        length: int,
+        fmt: str,
+        force_share: bool,
+        timeout: float | None,
+    ) -> bool:
+        done = await self.run(
+            image,
+            [f"read -P {_byte(pattern)} {offset} {length}"],
+            fmt=fmt,
+            read_only=True,
+            force_share=force_share,
+            check=False,
+            timeout=timeout,
+        )
+        # qemu-io 7.2 exits 1 on a mismatch, but also when it could not read at all: only
+        # the message (on stdout) tells the two apart.
+        if _PATTERN_FAILED in done.stdout or _PATTERN_FAILED in done.stderr:
+            return False
+        if done.returncode != 0 or f"read {length}/{length} bytes" not in done.stdout:
+            raise _error(done, image)
+        return True
+
+
+def _byte(pattern: int) -> str:
+    if not 0 <= pattern <= 0xFF:
+        raise UsageError(f"a pattern is one byte (0..255), not {pattern}")
+    return f"0x{pattern:02x}"
