@@ -22,19 +22,41 @@ log = logging.getLogger("qemusnap.cli")
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """Global options, accepted before the command and (for convenience) after it too."""
     default: Any = argparse.SUPPRESS if suppress else None
-    parser.add_argument("--qmp", metavar="SOCKET", default=default,
-                        help="live mode: the QMP UNIX socket of a running QEMU")
-    parser.add_argument("--disk", metavar="PATH", action="append", default=default,
-                        help="cold mode: a disk image of a stopped VM (repeat per disk)")
-    parser.add_argument("--state", metavar="DIR", default=default,
-                        help="state directory (default: $QEMUSNAP_STATE or"
-                        " ~/.local/state/qemusnap)")
-    parser.add_argument("--qga", metavar="SOCKET", default=default,
-                        help="qemu-guest-agent socket (for --quiesce)")
-    parser.add_argument("--json", action="store_true", default=argparse.SUPPRESS if suppress
-                        else False, help="machine-readable output (one JSON document)")
-    parser.add_argument("-v", "--verbose", action="count", default=argparse.SUPPRESS if suppress
-                        else 0, help="more logging; tracebacks on errors")
+    parser.add_argument(
+        "--qmp",
+        metavar="SOCKET",
+        default=default,
+        help="live mode: the QMP UNIX socket of a running QEMU",
+    )
+    parser.add_argument(
+        "--disk",
+        metavar="PATH",
+        action="append",
+        default=default,
+        help="cold mode: a disk image of a stopped VM (repeat per disk)",
+    )
+    parser.add_argument(
+        "--state",
+        metavar="DIR",
+        default=default,
+        help="state directory (default: $QEMUSNAP_STATE or ~/.local/state/qemusnap)",
+    )
+    parser.add_argument(
+        "--qga", metavar="SOCKET", default=default, help="qemu-guest-agent socket (for --quiesce)"
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="machine-readable output (one JSON document)",
+    )
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="count",
+        default=argparse.SUPPRESS if suppress else 0,
+        help="more logging; tracebacks on errors",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -84,8 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     state = revert.add_mutually_exclusive_group()
     state.add_argument("--running", action="store_true")
     state.add_argument("--paused", action="store_true")
-    revert.add_argument("--force", action="store_true",
-                        help="allow losing the current running state")
+    revert.add_argument(
+        "--force", action="store_true", help="allow losing the current running state"
+    )
 
     delete = command("delete", "delete a snapshot")
     delete.add_argument("name")
@@ -139,8 +162,9 @@ def _list_text(snaps: Sequence[Snapshot]) -> str:
         for s in snaps
     ]
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip()
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip() for r in rows
+    )
 
 
 def _chain_text(chains: Sequence[Chain]) -> str:
@@ -148,7 +172,11 @@ def _chain_text(chains: Sequence[Chain]) -> str:
     for chain in chains:
         lines.append(f"{chain.disk}:")
         for depth, image in enumerate(chain.images):
-            tags = f"  snapshots: {', '.join(s.name for s in image.snapshots)}" if image.snapshots else ""
+            tags = (
+                f"  snapshots: {', '.join(s.name for s in image.snapshots)}"
+                if image.snapshots
+                else ""
+            )
             lead = "  " + "    " * (depth - 1) + "└── " if depth else "  "
             lines.append(
                 f"{lead}{image.filename} ({image.format}, {image.virtual_size} bytes){tags}"
@@ -182,8 +210,9 @@ async def _open(args: argparse.Namespace) -> VM:
         socket_path = known[0].qmp_socket if len(known) == 1 else None
     if socket_path:
         try:
-            return await VM.attach(socket_path, state_dir=args.state, qga_socket=args.qga,
-                                   timeout=2.0)
+            return await VM.attach(
+                socket_path, state_dir=args.state, qga_socket=args.qga, timeout=2.0
+            )
         except QemuSnapError:
             log.debug("recorded QMP socket %s does not answer: cold mode", socket_path)
     return await VM.cold([], state_dir=args.state)
@@ -222,8 +251,13 @@ async def _run(args: argparse.Namespace) -> Any:
                 return snap.to_json(), f"Snapshot {snap.name} created"
             case "list":
                 tree = vm.tree()
-                kind = (SnapshotKind.INTERNAL if args.internal
-                        else SnapshotKind.EXTERNAL if args.external else None)
+                kind = (
+                    SnapshotKind.INTERNAL
+                    if args.internal
+                    else SnapshotKind.EXTERNAL
+                    if args.external
+                    else None
+                )
                 snaps = tree.filtered(roots=args.roots, leaves=args.leaves, kind=kind)
                 text = tree.render() if args.tree else _list_text(snaps)
                 return [s.to_json() for s in snaps], text or "no snapshots"
@@ -241,13 +275,17 @@ async def _run(args: argparse.Namespace) -> Any:
                     return None, f"{args.name} has no parent"
                 return parent.to_json(), parent.name
             case "revert":
-                snap = await vm.revert(args.name, running=args.running, paused=args.paused,
-                                       force=args.force)
+                snap = await vm.revert(
+                    args.name, running=args.running, paused=args.paused, force=args.force
+                )
                 return snap.to_json(), f"Reverted to {snap.name}"
             case "delete":
-                removed = await vm.delete(args.name, children=args.children,
-                                          children_only=args.children_only,
-                                          metadata_only=args.metadata_only)
+                removed = await vm.delete(
+                    args.name,
+                    children=args.children,
+                    children_only=args.children_only,
+                    metadata_only=args.metadata_only,
+                )
                 text = "Deleted " + ", ".join(removed) if removed else "Nothing to delete"
                 return {"deleted": removed}, text
             case "chain":
@@ -269,8 +307,11 @@ def _one_line(exc: BaseException) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose > 1 else logging.INFO if args.verbose else
-        logging.WARNING,
+        level=logging.DEBUG
+        if args.verbose > 1
+        else logging.INFO
+        if args.verbose
+        else logging.WARNING,
         format="qemusnap: %(message)s",
     )
     try:

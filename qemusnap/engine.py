@@ -86,6 +86,8 @@ class VM:
         self.relaunch_hook = relaunch_hook
         self.lock_timeout = lock_timeout
         self.qemu_img = qemu_img or QemuImg()
+        #: The guest-agent connection while the guest is quiesced (None otherwise).
+        self.agent: agent_mod.GuestAgent | None = None
 
     # --- opening ------------------------------------------------------------------------------
 
@@ -314,10 +316,13 @@ class VM:
 
     async def _recover_entry(self, operation: str, data: dict[str, Any]) -> None:
         name = data.get("name")
-        if operation == "create-internal" and name is not None:
+        if (
+            operation == "create-internal"
+            and name is not None
+            and not self.store.has_snapshot(self.record.id, name)
+        ):
             # Roll back: a snapshot that is not in the store never finished.
-            if not self.store.has_snapshot(self.record.id, name):
-                await self._delete_internal_tags(name, data["files"])
+            await self._delete_internal_tags(name, data["files"])
         if data.get("paused_by_us") and self.monitor is not None:
             status = await self.monitor.query_status()
             if not status.running and status.status == "paused":
@@ -551,7 +556,11 @@ class VM:
             agent_mod.GuestAgent(self.qga_socket, timeout=QUIESCE_TIMEOUT) as guest,
             agent_mod.frozen(guest, timeout=QUIESCE_TIMEOUT),
         ):
-            yield
+            self.agent = guest
+            try:
+                yield
+            finally:
+                self.agent = None
 
     async def _halt(self) -> None:
         """``--halt``: the VM is shut off after the snapshot, as with virsh."""
@@ -583,9 +592,7 @@ class VM:
             snap = self.tree().get(name)
             if snap.kind is not SnapshotKind.INTERNAL:
                 raise UnsupportedError("reverting external snapshots is not built yet")
-            target = (
-                VMState.RUNNING if running else VMState.PAUSED if paused else None
-            )
+            target = VMState.RUNNING if running else VMState.PAUSED if paused else None
             if self.monitor is None:
                 await self._revert_internal_cold(snap)
             elif snap.memory is MemoryKind.INTERNAL:
@@ -774,8 +781,7 @@ class VM:
 
     async def _has_tag(self, file: str, name: str) -> bool:
         return any(
-            s.name == name
-            for s in await self.qemu_img.snapshot_list(file, force_share=self.live)
+            s.name == name for s in await self.qemu_img.snapshot_list(file, force_share=self.live)
         )
 
 

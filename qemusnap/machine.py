@@ -25,7 +25,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -290,7 +290,9 @@ def spawn(
             cwd=cwd,
         )
     except OSError as exc:
-        raise LaunchError(f"cannot start {argv[0]}: {exc.strerror} (install qemu-system-x86)") from exc
+        raise LaunchError(
+            f"cannot start {argv[0]}: {exc.strerror} (install qemu-system-x86)"
+        ) from exc
     finally:
         if log_file:
             out.close()  # type: ignore[union-attr]
@@ -343,7 +345,9 @@ class RecordedLaunch:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
             cwd = os.readlink(f"/proc/{pid}/cwd")
         except OSError as exc:
-            raise UnsupportedError(f"cannot read the command line of QEMU pid {pid}: {exc}") from exc
+            raise UnsupportedError(
+                f"cannot read the command line of QEMU pid {pid}: {exc}"
+            ) from exc
         return cls(tuple(a.decode() for a in raw.split(b"\0")[:-1]), cwd, qmp_socket)
 
     def to_json(self) -> dict[str, Any]:
@@ -388,32 +392,52 @@ def replace_disk_paths(argv: Sequence[str], replace: Mapping[str, str], cwd: str
     Understands ``-drive file=...``, ``-blockdev`` in both dotted and JSON syntax, and
     ``-hda``-style options.  Relative paths are resolved against the process's ``cwd``.
     """
+    return _map_image_args(argv, cwd, replace.get)
 
-    def resolve(path: str) -> str:
-        return os.path.normpath(os.path.join(cwd, path))
+
+def image_paths_in_argv(argv: Sequence[str], cwd: str) -> list[str]:
+    """The absolute paths of every image file ``argv`` names (see :func:`replace_disk_paths`)."""
+    found: list[str] = []
+
+    def note(path: str) -> None:
+        found.append(path)
+
+    _map_image_args(argv, cwd, note)
+    return found
+
+
+def _map_image_args(argv: Sequence[str], cwd: str, swap: Callable[[str], str | None]) -> list[str]:
+    """``argv`` with each image path ``p`` (made absolute) replaced by ``swap(p)`` if not None."""
+
+    def new(path: str) -> str | None:
+        return swap(os.path.normpath(os.path.join(cwd, path)))
 
     def swap_json(node: Any) -> Any:
-        if isinstance(node, dict):
-            return {
-                k: (replace.get(resolve(v), v) if k == "filename" and isinstance(v, str) else swap_json(v))
-                for k, v in node.items()
-            }
-        return node
+        if not isinstance(node, dict):
+            return node
+        out = {}
+        for key, value in node.items():
+            if key == "filename" and isinstance(value, str):
+                out[key] = new(value) or value
+            else:
+                out[key] = swap_json(value)
+        return out
 
     out: list[str] = []
     for i, arg in enumerate(argv):
         option = argv[i - 1] if i else ""
-        if option in ("-hda", "-hdb", "-hdc", "-hdd") and resolve(arg) in replace:
-            out.append(replace[resolve(arg)])
+        if option in ("-hda", "-hdb", "-hdc", "-hdd"):
+            out.append(new(arg) or arg)
         elif option == "-blockdev" and arg.startswith("{"):
             out.append(json.dumps(swap_json(json.loads(arg)), separators=(",", ":")))
         elif option in ("-drive", "-blockdev"):
             parts = []
             for part in _split_opts(arg):
                 key, _, value = part.partition("=")
-                path = value.replace(",,", ",")
-                if key in _FILE_KEYS and resolve(path) in replace:
-                    part = f"{key}={replace[resolve(path)].replace(',', ',,')}"
+                if key in _FILE_KEYS and value:
+                    replaced = new(value.replace(",,", ","))
+                    if replaced is not None:
+                        part = f"{key}={replaced.replace(',', ',,')}"
                 parts.append(part)
             out.append(",".join(parts))
         else:

@@ -138,6 +138,7 @@ class Store:
                 self.directory / "qemusnap.db", timeout=30, isolation_level=None
             )
             self._db.row_factory = sqlite3.Row
+            self._depth = 0
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
@@ -156,16 +157,33 @@ class Store:
 
     @contextlib.contextmanager
     def _tx(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction; nested calls join the outer one (see :meth:`atomic`)."""
+        if self._depth:
+            self._depth += 1
+            try:
+                yield self._db
+            finally:
+                self._depth -= 1
+            return
         try:
             self._db.execute("BEGIN IMMEDIATE")
+            self._depth = 1
             try:
                 yield self._db
             except BaseException:
                 self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._depth = 0
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
             raise StoreError(f"state database error: {exc}") from exc
+
+    @contextlib.contextmanager
+    def atomic(self) -> Iterator[None]:
+        """Group several updates (a snapshot, its disks, its files) into one transaction."""
+        with self._tx():
+            yield
 
     # --- VMs ------------------------------------------------------------------------------
 
@@ -311,7 +329,9 @@ class Store:
             if make_current:
                 db.execute("UPDATE vms SET current=? WHERE id=?", (snap.name, vm_id))
 
-    def remove_snapshots(self, vm_id: int, names: Iterable[str], reparent: dict[str, str | None]) -> None:
+    def remove_snapshots(
+        self, vm_id: int, names: Iterable[str], reparent: dict[str, str | None]
+    ) -> None:
         """Drop snapshots; ``reparent`` maps surviving children to their new parent."""
         names = list(names)
         with self._tx() as db:
@@ -343,6 +363,25 @@ class Store:
                 (json.dumps([d.to_json() for d in disks]), vm_id, name),
             )
 
+    def rename_references(self, vm_id: int, old: str, new: str) -> None:
+        """Whatever referred to image ``old`` (a snapshot's disk, an active disk) now refers to
+        ``new`` (after ``old`` was committed into ``new``)."""
+        with self._tx() as db:
+            db.execute("UPDATE disks SET file=? WHERE vm_id=? AND file=?", (new, vm_id, old))
+            rows = db.execute(
+                "SELECT name, disks FROM snapshots WHERE vm_id=?", (vm_id,)
+            ).fetchall()
+            for row in rows:
+                disks = json.loads(row["disks"])
+                if any(d.get("file") == old for d in disks):
+                    for d in disks:
+                        if d.get("file") == old:
+                            d["file"] = new
+                    db.execute(
+                        "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
+                        (json.dumps(disks), vm_id, row["name"]),
+                    )
+
     # --- files ----------------------------------------------------------------------------
 
     def add_file(self, vm_id: int, path: str, *, owned: bool, role: str) -> None:
@@ -351,6 +390,11 @@ class Store:
                 "INSERT OR REPLACE INTO files (vm_id, path, owned, role) VALUES (?,?,?,?)",
                 (vm_id, path, int(owned), role),
             )
+
+    def files(self, vm_id: int) -> dict[str, bool]:
+        """Every image/memory file the store knows for this VM -> whether qemusnap owns it."""
+        rows = self._db.execute("SELECT path, owned FROM files WHERE vm_id=?", (vm_id,))
+        return {row["path"]: bool(row["owned"]) for row in rows}
 
     def owned_files(self, vm_id: int) -> dict[str, str]:
         rows = self._db.execute(
@@ -392,7 +436,9 @@ class Store:
     def journal(self, vm_id: int) -> list[JournalEntry]:
         rows = self._db.execute("SELECT * FROM journal WHERE vm_id=? ORDER BY id", (vm_id,))
         return [
-            JournalEntry(r["id"], r["vm_id"], r["operation"], r["started"], r["pid"], json.loads(r["data"]))
+            JournalEntry(
+                r["id"], r["vm_id"], r["operation"], r["started"], r["pid"], json.loads(r["data"])
+            )
             for r in rows
         ]
 

@@ -37,7 +37,9 @@ def firmware_config(disks: Sequence[Path], **kwargs: object) -> MachineConfig:
 
 async def write_live(monitor: Monitor, device: str, pattern: int) -> None:
     """Write ``pattern`` over the first MiB through the guest device's own block backend."""
-    await monitor.qemu_io(f"/machine/peripheral/{device}/virtio-backend", f"write -P 0x{pattern:02x} 0 {LENGTH}")
+    await monitor.qemu_io(
+        f"/machine/peripheral/{device}/virtio-backend", f"write -P 0x{pattern:02x} 0 {LENGTH}"
+    )
 
 
 async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
@@ -53,9 +55,18 @@ async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
             {"type": "nbd", "id": export, "node-name": node, "name": export, "writable": False},
         )
         done = subprocess.run(
-            ["qemu-io", "-r", "-f", "raw", f"nbd+unix:///{export}?socket={sock}",
-             "-c", f"read -P 0x{pattern:02x} 0 {LENGTH}"],
-            capture_output=True, text=True, timeout=60,
+            [
+                "qemu-io",
+                "-r",
+                "-f",
+                "raw",
+                f"nbd+unix:///{export}?socket={sock}",
+                "-c",
+                f"read -P 0x{pattern:02x} 0 {LENGTH}",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
         )
         await monitor.execute("block-export-del", {"id": export})
     finally:
@@ -63,7 +74,9 @@ async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
         os.rmdir(sock_dir) if not os.listdir(sock_dir) else None
     if "Pattern verification failed" in done.stdout:
         return False
-    assert done.returncode == 0 and f"read {LENGTH}/{LENGTH} bytes" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and f"read {LENGTH}/{LENGTH} bytes" in done.stdout, (
+        done.stdout + done.stderr
+    )
     return True
 
 
@@ -77,18 +90,24 @@ async def flush_live(monitor: Monitor) -> None:
 def read_cold(image: Path | str, pattern: int) -> bool:
     done = subprocess.run(
         ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P 0x{pattern:02x} 0 {LENGTH}", str(image)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     if "Pattern verification failed" in done.stdout:
         return False
-    assert done.returncode == 0 and f"read {LENGTH}/{LENGTH} bytes" in done.stdout, done.stdout + done.stderr
+    assert done.returncode == 0 and f"read {LENGTH}/{LENGTH} bytes" in done.stdout, (
+        done.stdout + done.stderr
+    )
     return True
 
 
 def write_cold(image: Path | str, pattern: int) -> None:
     done = subprocess.run(
         ["qemu-io", "-f", "qcow2", "-c", f"write -P 0x{pattern:02x} 0 {LENGTH}", str(image)],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert done.returncode == 0 and "wrote" in done.stdout, done.stdout + done.stderr
 

@@ -8,11 +8,16 @@ from qemusnap.machine import Drive, MachineConfig, replace_disk_paths, restart_a
 def test_replace_disk_paths_in_every_syntax() -> None:
     argv = [
         "qemu-system-x86_64",
-        "-drive", "file=rel.qcow2,if=virtio,format=qcow2",
-        "-blockdev", "driver=file,filename=/img/a,,b.qcow2,node-name=f1",
-        "-blockdev", json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": "/img/c.qcow2"}}),
-        "-hda", "/img/d.qcow2",
-        "-qmp", "unix:/run/q.sock,server=on,wait=off",
+        "-drive",
+        "file=rel.qcow2,if=virtio,format=qcow2",
+        "-blockdev",
+        "driver=file,filename=/img/a,,b.qcow2,node-name=f1",
+        "-blockdev",
+        json.dumps({"driver": "qcow2", "file": {"driver": "file", "filename": "/img/c.qcow2"}}),
+        "-hda",
+        "/img/d.qcow2",
+        "-qmp",
+        "unix:/run/q.sock,server=on,wait=off",
     ]
     replace = {
         "/vm/rel.qcow2": "/vm/new1.qcow2",

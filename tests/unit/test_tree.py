@@ -15,7 +15,9 @@ from qemusnap.models import (
 from qemusnap.tree import SnapshotTree, plan_delete, validate_name
 
 
-def snap(name: str, parent: str | None, *, current: bool = False, external: bool = False) -> Snapshot:
+def snap(
+    name: str, parent: str | None, *, current: bool = False, external: bool = False
+) -> Snapshot:
     return Snapshot(
         name=name,
         parent=parent,
@@ -32,7 +34,12 @@ def snap(name: str, parent: str | None, *, current: bool = False, external: bool
 # s1 ── s2 ── s3
 #   └── s4 *
 TREE = SnapshotTree.of(
-    [snap("s1", None), snap("s2", "s1"), snap("s3", "s2"), snap("s4", "s1", current=True, external=True)]
+    [
+        snap("s1", None),
+        snap("s2", "s1"),
+        snap("s3", "s2"),
+        snap("s4", "s1", current=True, external=True),
+    ]
 )
 
 
