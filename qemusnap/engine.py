@@ -8,14 +8,18 @@ A :class:`VM` is the handle callers hold.  It is opened one of three ways:
 
 Every mutating operation takes the VM's cross-process lock, first repairs what an interrupted
 earlier operation left (the journal), and journals itself before its first irreversible step.
+An operation that fails is rolled back by the very code that repairs a crashed one
+(:meth:`VM._recover_entry`), so both paths stay honest.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import os
+import secrets
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -23,15 +27,27 @@ from typing import Any, Literal
 import attrs
 
 from . import agent as agent_mod
+from . import process
 from .errors import (
+    CommandError,
     DiskNotFoundError,
     ImageInUseError,
+    OperationError,
     OperationTimeout,
     SnapshotExistsError,
+    TargetExistsError,
     UnsupportedError,
     VMNotFoundError,
 )
-from .machine import Machine, MachineConfig, RecordedLaunch, relaunch, wait_pid_exit
+from .machine import (
+    Machine,
+    MachineConfig,
+    RecordedLaunch,
+    image_paths_in_argv,
+    relaunch,
+    wait_pid_exit,
+)
+from .memory import FdTransport, Progress, cancel_migration
 from .models import (
     Chain,
     CheckResult,
@@ -45,6 +61,7 @@ from .models import (
     VMState,
 )
 from .monitor import Monitor
+from .plan import Commit, ImageGraph, Pull, Rebind, Remove, Step, overlay_path, plan_merge_away
 from .qemu_img import QemuImg
 from .store import DiskRecord, Store, VMLock, VMRecord, utc_now
 from .tree import SnapshotTree, plan_delete, validate_name
@@ -55,10 +72,31 @@ log = logging.getLogger("qemusnap.engine")
 #: disk (by disk name) and whether memory will be loaded (``-incoming defer`` wanted); returns a
 #: connected Monitor of the new, paused QEMU.
 RelaunchHook = Callable[[dict[str, str], bool], Awaitable[Monitor]]
+#: Starts QEMU again (paused; ``incoming``: waiting for memory state), prepared beforehand.
+Starter = Callable[[bool], Awaitable[None]]
 
 DEFAULT_TIMEOUT = 300.0
 LOCK_TIMEOUT = 30.0
 QUIESCE_TIMEOUT = 10.0
+RECOVERY_TIMEOUT = 120.0
+_job_numbers = itertools.count(1)
+
+
+def _job_id(kind: str) -> str:
+    return f"qemusnap-{kind}-{os.getpid()}-{next(_job_numbers)}"
+
+
+class _Journal:
+    """The journal entry of the operation in progress: grows before each irreversible step."""
+
+    def __init__(self, store: Store, entry_id: int, data: dict[str, Any]) -> None:
+        self._store = store
+        self.id = entry_id
+        self.data = data
+
+    def update(self, **data: Any) -> None:
+        self.data.update(data)
+        self._store.journal_update(self.id, **data)
 
 
 class VM:
@@ -86,6 +124,7 @@ class VM:
         self.relaunch_hook = relaunch_hook
         self.lock_timeout = lock_timeout
         self.qemu_img = qemu_img or QemuImg()
+        self.memory = FdTransport()
         #: The guest-agent connection while the guest is quiesced (None otherwise).
         self.agent: agent_mod.GuestAgent | None = None
 
@@ -110,7 +149,7 @@ class VM:
         store = Store(state_dir)
         try:
             disks = await asyncio.wait_for(monitor.disks(), timeout)
-            record = await _find_or_add_vm(store, disks, live=True)
+            record = await _find_or_add_vm(store, disks)
             launch: dict[str, Any] | None = None
             if isinstance(qmp, str):
                 pid = monitor.peer_pid()
@@ -154,7 +193,6 @@ class VM:
             await machine.shutdown()
             raise
         vm.machine = machine
-        vm.store.set_vm_info(vm.record.id, launch={"config": attrs.asdict(config)})
         return vm
 
     @classmethod
@@ -163,27 +201,22 @@ class VM:
         disks: Sequence[str] = (),
         *,
         state_dir: str | os.PathLike[str] | None = None,
+        relaunch_hook: RelaunchHook | None = None,
         timeout: float = 60.0,
     ) -> VM:
-        """Open the disk images of a VM that is not running.  With no disks, the state
-        directory must know exactly one VM."""
+        """Open the disk images of a VM that is not running.
+
+        A disk the state directory knows (any image of its chain, the original base included)
+        names its VM, whose disks then come from the store; with no disks, the state directory
+        must know exactly one VM.
+        """
         store = Store(state_dir)
         try:
-            if disks:
-                found = await asyncio.wait_for(_cold_disks(store, disks), timeout)
-                record = await _find_or_add_vm(store, found, live=False)
-            else:
-                known = store.vms()
-                if len(known) != 1:
-                    raise VMNotFoundError(
-                        f"the state directory {store.directory} knows {len(known)} VMs:"
-                        " name one with --qmp SOCKET or --disk PATH"
-                    )
-                record = known[0]
+            record = await asyncio.wait_for(_cold_record(store, disks), timeout)
         except BaseException:
             store.close()
             raise
-        return cls(store, record)
+        return cls(store, record, relaunch_hook=relaunch_hook)
 
     async def close(self) -> None:
         try:
@@ -207,12 +240,13 @@ class VM:
     # --- inspection ---------------------------------------------------------------------------
 
     async def disks(self, *, timeout: float = 30.0) -> list[Disk]:
-        """The VM's disks now (live: from QEMU; cold: from the store)."""
+        """The VM's writable disks now (live: from QEMU; cold: from the store)."""
         if self.monitor is not None:
-            return await asyncio.wait_for(self.monitor.disks(), timeout)
-        return [Disk(d.name, d.file, d.format) for d in self.record.disks]
+            return [d for d in await self.monitor.disks(timeout=timeout) if not d.read_only]
+        return [Disk(d.name, d.file, d.format) for d in self.store.vm(self.record.id).disks]
 
-    def _disk(self, disks: Sequence[Disk], name: str) -> Disk:
+    @staticmethod
+    def _disk(disks: Sequence[Disk], name: str) -> Disk:
         for disk in disks:
             if disk.name == name:
                 return disk
@@ -252,7 +286,9 @@ class VM:
                 if image.filename in seen:
                     continue
                 seen.add(image.filename)
-                if repair is not None and await self.qemu_img.image_in_use(image.filename):
+                if repair is not None and await self.qemu_img.image_in_use(
+                    image.filename, for_write=True
+                ):
                     raise ImageInUseError(
                         f"cannot repair {image.filename}: a running QEMU has it open"
                     )
@@ -303,36 +339,104 @@ class VM:
             lock.release()
             self.record = self.store.vm(self.record.id)
 
+    @contextlib.asynccontextmanager
+    async def _journal(self, operation: str, **data: Any) -> AsyncIterator[_Journal]:
+        """Journal one operation.  If it fails, roll it back with the recovery code (shielded,
+        with its own deadline) and only then drop the entry; a failed rollback keeps it for the
+        next command."""
+        entry = _Journal(
+            self.store, self.store.journal_begin(self.record.id, operation, data), data
+        )
+        try:
+            yield entry
+        except BaseException as exc:
+            try:
+                await asyncio.shield(self._rollback(operation, entry))
+            except Exception as undo:
+                exc.add_note(f"rollback failed, `qemusnap recover` will retry: {undo}")
+                log.warning("rollback of %s failed: %s", operation, undo)
+            raise
+        self.store.journal_end(entry.id)
+
+    async def _rollback(self, operation: str, entry: _Journal) -> None:
+        async with asyncio.timeout(RECOVERY_TIMEOUT):
+            await self._recover_entry(operation, entry.data)
+        self.store.journal_end(entry.id)
+
     async def _recover_pending(self) -> None:
-        """Repair what an interrupted operation left behind (see :meth:`recover`)."""
+        """Repair what an interrupted operation left behind."""
         for entry in self.store.journal(self.record.id):
-            log.warning("repairing interrupted %s (%s)", entry.operation, entry.data)
-            await self._recover_entry(entry.operation, entry.data)
+            log.warning("repairing interrupted %s of %s", entry.operation, entry.data.get("name"))
+            async with asyncio.timeout(RECOVERY_TIMEOUT):
+                await self._recover_entry(entry.operation, entry.data)
             self.store.journal_end(entry.id)
 
     async def recover(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Finish or roll back whatever an interrupted qemusnap left (also done by every
+        operation before it starts)."""
         async with asyncio.timeout(timeout), self._operation("recover"):
             pass
 
     async def _recover_entry(self, operation: str, data: dict[str, Any]) -> None:
-        name = data.get("name")
-        if (
-            operation == "create-internal"
-            and name is not None
-            and not self.store.has_snapshot(self.record.id, name)
-        ):
-            # Roll back: a snapshot that is not in the store never finished.
-            await self._delete_internal_tags(name, data["files"])
+        """Bring VM, images and store back to a consistent state after ``operation`` stopped
+        part-way: a snapshot is complete and listed, or absent with its files removed."""
+        name = data.get("name", "")
+        listed = self.store.has_snapshot(self.record.id, name)
+        if self.monitor is not None:
+            await cancel_migration(self.monitor)
+        match operation:
+            case "create-internal" if not listed:
+                await self._delete_internal_tags(name, data["files"])
+            case "delete-internal" if listed:
+                await self._delete_internal_tags(name, data["files"])
+                self.store.remove_snapshots(self.record.id, [name], {})
+            case "create-external" if not listed:
+                await self._undo_overlays(data.get("overlays", []))
+                self._remove_created([data.get("memory_file")] if data.get("memory_made") else [])
+            case "delete-external" if listed:
+                await self._delete_external(self.tree().get(name))
+            case "revert" | "restore":
+                await self._recover_restart(data)
+            case "save":
+                if data.get("written") and self.monitor is None:
+                    self.store.set_saved(self.record.id, data["saved"])
+                elif self.monitor is not None:
+                    self._remove_created([data["file"]] if data.get("made") else [])
         if data.get("paused_by_us") and self.monitor is not None:
             status = await self.monitor.query_status()
-            if not status.running and status.status == "paused":
+            if status.status in ("paused", "postmigrate"):
                 await self.monitor.cont()
 
-    @contextlib.contextmanager
-    def _journal(self, operation: str, **data: Any) -> Any:
-        entry = self.store.journal_begin(self.record.id, operation, data)
-        yield entry
-        self.store.journal_end(entry)
+    async def _recover_restart(self, data: dict[str, Any]) -> None:
+        """A revert (or restore) that restarts QEMU: finished once QEMU runs on the new
+        overlays; otherwise the new overlays are removed and the old disks kept."""
+        overlays: dict[str, str] = data.get("overlays", {})
+        if self.monitor is not None and data.get("started"):
+            disks = await self.monitor.disks()
+            if all(d.file == overlays.get(d.name, d.file) for d in disks):
+                self._adopt_disks(disks, overlays, owned=overlays.values())
+                if data.get("name"):
+                    self.store.set_current(self.record.id, data["name"])
+                return
+        in_use = {d.file for d in await self.disks()} if self.monitor is not None else set()
+        self._remove_created([p for p in overlays.values() if p not in in_use])
+
+    def _remove_created(self, paths: Iterable[str | None]) -> None:
+        """Unlink files this operation created, unless the store now relies on them."""
+        needed = self._referenced_files()
+        for path in paths:
+            if path and path not in needed and os.path.lexists(path):
+                os.unlink(path)
+                self.store.forget_file(self.record.id, path)
+
+    def _referenced_files(self) -> set[str]:
+        """Every file a snapshot or a disk of this VM relies on, per the store."""
+        files = {d.file for d in self.store.vm(self.record.id).disks}
+        for snap in self.store.snapshots(self.record.id):
+            files.update(d.file for d in snap.disks if d.file)
+            if snap.memory_file:
+                files.add(snap.memory_file)
+        return files
 
     # --- create ---------------------------------------------------------------------------------
 
@@ -350,72 +454,89 @@ class VM:
         exclude: Iterable[str] = (),
         overlays: dict[str, str] | None = None,
         reuse_external: bool = False,
+        progress: Progress | None = None,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Snapshot:
-        """Take snapshot ``name`` (see SPEC "Create" for what each combination means).
+        """Take snapshot ``name`` (SPEC "Create" tells what each combination means).
 
-        Defaults follow virsh: no flags on a running VM is an internal checkpoint; on a stopped
-        VM, internal disk snapshots.  ``disk_only`` alone is an external disk-only snapshot.
+        As with virsh: no flags on a running VM is an internal checkpoint, on a stopped VM
+        internal disk snapshots; ``disk_only`` alone is an external disk-only snapshot;
+        ``memory_file`` (or ``internal=False`` on a running VM) an external checkpoint.
         """
         validate_name(name)
-        exclude = set(exclude)
-        external = memory_file is not None or (disk_only and internal is not True)
-        if internal is False:
-            external = True
-        if external or memory_file is not None or overlays or reuse_external or live:
+        exclude, overlays = set(exclude), dict(overlays or {})
+        external = internal is False or memory_file is not None or (disk_only and not internal)
+        with_memory = self.live and not disk_only
+        self._check_create_flags(
+            external, with_memory, internal, memory_file, live, quiesce, overlays, reuse_external
+        )
+        async with asyncio.timeout(timeout), self._operation(f"create {name}"):
+            if self.store.has_snapshot(self.record.id, name):
+                raise SnapshotExistsError(f"a snapshot named {name!r} exists already")
+            disks = await self.disks()
+            for disk_name in [*exclude, *overlays]:
+                self._disk(disks, disk_name)
+            chosen = [d for d in disks if d.name not in exclude]
+            if not chosen:
+                raise UnsupportedError("no disk left to snapshot")
+            if not self.live:
+                await self._refuse_in_use(chosen, "use --qmp SOCKET for a live snapshot")
+            if external:
+                snap = await self._create_external(
+                    name, chosen, disks, description, with_memory, memory_file, live, quiesce,
+                    overlays, reuse_external, halt, progress,
+                )  # fmt: skip
+            else:
+                snap = await self._create_internal(name, chosen, disks, description, with_memory,
+                                                   quiesce)  # fmt: skip
+            if halt and self.monitor is not None:
+                await self._stop_qemu()
+        return snap
+
+    def _check_create_flags(
+        self,
+        external: bool,
+        with_memory: bool,
+        internal: bool | None,
+        memory_file: str | None,
+        live: bool,
+        quiesce: bool,
+        overlays: dict[str, str],
+        reuse_external: bool,
+    ) -> None:
+        if internal and memory_file is not None:
+            raise UnsupportedError("--internal and --memory-file exclude each other")
+        if memory_file is not None and not self.live:
             raise UnsupportedError(
-                "external snapshots and memory files are not built yet (internal snapshots are)"
+                "--memory-file needs a running VM (--qmp): a stopped VM has no memory"
+            )
+        if live and not (external and with_memory):
+            raise UnsupportedError("--live applies to external checkpoints (--memory-file)")
+        if (overlays or reuse_external) and not external:
+            raise UnsupportedError("--overlay and --reuse-external apply to external snapshots")
+        if reuse_external and not overlays:
+            raise UnsupportedError("--reuse-external needs --overlay DISK=PATH for each disk")
+        if quiesce and with_memory:
+            raise UnsupportedError(
+                "--quiesce applies to disk-only snapshots (a checkpoint saves memory too)"
             )
         if quiesce and not self.live:
             raise UnsupportedError("--quiesce needs a running VM (--qmp) and its guest agent")
         if quiesce and not self.qga_socket:
             raise UnsupportedError("--quiesce needs the guest agent socket (--qga SOCKET)")
-        async with asyncio.timeout(timeout), self._operation(f"create {name}"):
-            if self.store.has_snapshot(self.record.id, name):
-                raise SnapshotExistsError(f"a snapshot named {name!r} exists already")
-            disks = await self.disks()
-            for disk_name in exclude:
-                self._disk(disks, disk_name)
-            chosen = [d for d in disks if d.name not in exclude and not d.read_only]
-            if not chosen:
-                raise UnsupportedError("no disk left to snapshot")
-            for disk in chosen:
-                if disk.format != "qcow2":
-                    raise UnsupportedError(
-                        f"disk {disk.name} ({disk.file}) is {disk.format}: only qcow2 images can"
-                        " hold internal snapshots (use --disk-only for an external snapshot)"
-                    )
-            await self._refuse_existing_tag(name, chosen)
-            if self.monitor is None:
-                snap = await self._create_internal_cold(name, chosen, disks, description)
-            elif disk_only:
-                snap = await self._create_internal_disk_only(
-                    name, chosen, disks, description, quiesce
-                )
-            else:
-                if quiesce:
-                    raise UnsupportedError(
-                        "--quiesce applies to disk-only snapshots (a checkpoint saves memory too)"
-                    )
-                snap = await self._create_internal_checkpoint(name, chosen, disks, description)
-            if halt and self.monitor is not None:
-                await self._halt()
-        return snap
 
-    async def _refuse_existing_tag(self, name: str, disks: Sequence[Disk]) -> None:
+    async def _refuse_in_use(self, disks: Sequence[Disk], hint: str) -> None:
         for disk in disks:
-            for info in await self.qemu_img.snapshot_list(disk.file, force_share=self.live):
-                if info.name == name:
-                    raise SnapshotExistsError(
-                        f"image {disk.file} (disk {disk.name}) already holds an internal"
-                        f" snapshot named {name!r}"
-                    )
+            if await self.qemu_img.image_in_use(disk.file):
+                raise ImageInUseError(
+                    f"image {disk.file} (disk {disk.name}) is in use by a running QEMU: {hint}"
+                )
 
     def _new_snapshot(
         self,
         name: str,
         *,
-        chosen: Sequence[Disk],
+        files: dict[str, str],
         disks: Sequence[Disk],
         kind: SnapshotKind,
         memory: MemoryKind,
@@ -424,7 +545,7 @@ class VM:
         description: str,
         memory_file: str | None = None,
     ) -> Snapshot:
-        chosen_names = {d.name for d in chosen}
+        """The record of a new snapshot; ``files``: disk name -> image holding its data."""
         disk_kind = DiskSnapshotKind(str(kind))
         return Snapshot(
             name=name,
@@ -437,117 +558,86 @@ class VM:
             created=utc_now(),
             description=description,
             disks=tuple(
-                DiskSnapshot(d.name, disk_kind, d.file)
-                if d.name in chosen_names
+                DiskSnapshot(d.name, disk_kind, files[d.name])
+                if d.name in files
                 else DiskSnapshot(d.name, DiskSnapshotKind.EXCLUDED, None)
                 for d in disks
             ),
             current=True,
         )
 
-    async def _create_internal_cold(
-        self, name: str, chosen: Sequence[Disk], disks: Sequence[Disk], description: str
-    ) -> Snapshot:
-        for disk in chosen:
-            if await self.qemu_img.image_in_use(disk.file):
-                raise ImageInUseError(
-                    f"image {disk.file} (disk {disk.name}) is in use by a running QEMU:"
-                    " use --qmp SOCKET for a live snapshot"
-                )
-        snap = self._new_snapshot(
-            name,
-            chosen=chosen,
-            disks=disks,
-            kind=SnapshotKind.INTERNAL,
-            memory=MemoryKind.NONE,
-            consistency=Consistency.CRASH,
-            vm_state=VMState.SHUTOFF,
-            description=description,
-        )
-        with self._journal("create-internal", name=name, files=[d.file for d in chosen]):
-            for disk in chosen:
-                await self.qemu_img.snapshot_create(disk.file, name)
-            self.store.add_snapshot(self.record.id, snap)
-        return snap
+    # --- create: internal -----------------------------------------------------------------------
 
-    async def _create_internal_disk_only(
+    async def _create_internal(
         self,
         name: str,
         chosen: Sequence[Disk],
         disks: Sequence[Disk],
         description: str,
+        with_memory: bool,
         quiesce: bool,
     ) -> Snapshot:
-        assert self.monitor is not None
+        for disk in chosen:
+            if disk.format != "qcow2":
+                raise UnsupportedError(
+                    f"disk {disk.name} ({disk.file}) is {disk.format}: only qcow2 images can"
+                    " hold internal snapshots (use --disk-only for an external snapshot)"
+                )
+            if any(s.name == name for s in await self._tags(disk.file)):
+                raise SnapshotExistsError(
+                    f"image {disk.file} (disk {disk.name}) already holds an internal"
+                    f" snapshot named {name!r}"
+                )
         vm_state = await self.run_state()
         snap = self._new_snapshot(
             name,
-            chosen=chosen,
+            files={d.name: d.file for d in chosen},
             disks=disks,
             kind=SnapshotKind.INTERNAL,
-            memory=MemoryKind.NONE,
-            consistency=Consistency.QUIESCED if quiesce else Consistency.CRASH,
+            memory=MemoryKind.INTERNAL if with_memory else MemoryKind.NONE,
+            consistency=(
+                Consistency.FULL
+                if with_memory
+                else Consistency.QUIESCED
+                if quiesce
+                else Consistency.CRASH
+            ),
             vm_state=vm_state,
             description=description,
         )
-        # One transaction: every disk is cut at the same instant (QEMU drains all of them).
-        actions = [
-            {
-                "type": "blockdev-snapshot-internal-sync",
-                "data": {"device": d.node_name, "name": name},
-            }
-            for d in chosen
-        ]
-        with self._journal(
+        nodes = [d.node_name for d in chosen]
+        async with self._journal(
             "create-internal",
             name=name,
             files=[d.file for d in chosen],
-            nodes=[d.node_name for d in chosen],
+            paused_by_us=with_memory and vm_state is VMState.RUNNING,
         ):
-            async with self._quiesced(quiesce):
-                await self.monitor.execute("transaction", {"actions": actions})
-            self.store.add_snapshot(self.record.id, snap)
-        return snap
-
-    async def _create_internal_checkpoint(
-        self, name: str, chosen: Sequence[Disk], disks: Sequence[Disk], description: str
-    ) -> Snapshot:
-        assert self.monitor is not None
-        vm_state = await self.run_state()
-        snap = self._new_snapshot(
-            name,
-            chosen=chosen,
-            disks=disks,
-            kind=SnapshotKind.INTERNAL,
-            memory=MemoryKind.INTERNAL,
-            consistency=Consistency.FULL,
-            vm_state=vm_state,
-            description=description,
-        )
-        # snapshot-save stops the vCPUs for the whole RAM write and restarts them only if they
-        # were running, so a VM the user had paused stays paused.
-        with self._journal(
-            "create-internal",
-            name=name,
-            files=[d.file for d in chosen],
-            nodes=[d.node_name for d in chosen],
-            paused_by_us=vm_state is VMState.RUNNING,
-        ):
-            await self.monitor.run_job(
-                "snapshot-save",
-                {
-                    "tag": name,
-                    "vmstate": chosen[0].node_name,
-                    "devices": [d.node_name for d in chosen],
-                },
-                job_id=f"qemusnap-save-{os.getpid()}",
-                timeout=DEFAULT_TIMEOUT,
-            )
+            if self.monitor is None:
+                for disk in chosen:
+                    await self.qemu_img.snapshot_create(disk.file, name)
+            elif with_memory:
+                # snapshot-save stops the vCPUs for the whole RAM write and restarts them only
+                # if they were running: a VM the user had paused stays paused.
+                await self.monitor.run_job(
+                    "snapshot-save",
+                    {"tag": name, "vmstate": nodes[0], "devices": nodes},
+                    job_id=_job_id("save"),
+                    timeout=DEFAULT_TIMEOUT,
+                )
+            else:
+                # One transaction: every disk is cut at the same instant.
+                actions = [
+                    {"type": "blockdev-snapshot-internal-sync", "data": {"device": n, "name": name}}
+                    for n in nodes
+                ]
+                async with self._quiesced(quiesce):
+                    await self.monitor.execute("transaction", {"actions": actions})
             self.store.add_snapshot(self.record.id, snap)
         return snap
 
     @contextlib.asynccontextmanager
     async def _quiesced(self, quiesce: bool) -> AsyncIterator[None]:
+        """Guest filesystems frozen (qemu-guest-agent) for the body, thawed on every exit."""
         if not quiesce:
             yield
             return
@@ -562,17 +652,207 @@ class VM:
             finally:
                 self.agent = None
 
-    async def _halt(self) -> None:
-        """``--halt``: the VM is shut off after the snapshot, as with virsh."""
+    async def _tags(self, file: str) -> list[Any]:
+        return list(await self.qemu_img.snapshot_list(file, force_share=self.live))
+
+    # --- create: external -----------------------------------------------------------------------
+
+    async def _create_external(
+        self,
+        name: str,
+        chosen: Sequence[Disk],
+        disks: Sequence[Disk],
+        description: str,
+        with_memory: bool,
+        memory_file: str | None,
+        live: bool,
+        quiesce: bool,
+        overlays: dict[str, str],
+        reuse: bool,
+        halt: bool,
+        progress: Progress | None,
+    ) -> Snapshot:
+        """Overlays are prepared first; then, live, one ``transaction`` of ``blockdev-snapshot``
+        cuts every disk at one instant.  With memory: ``stop``, the transaction, the RAM into
+        the memory file (``background-snapshot`` when ``live``), ``cont``."""
+        plan = [(disk, await self._overlay_for(disk, name, overlays, reuse)) for disk in chosen]
+        memory_path = None
+        if with_memory:
+            memory_path = os.path.abspath(
+                memory_file or str(self.store.memory_dir(self.record.id) / f"{name}.mem")
+            )
+            if os.path.lexists(memory_path):
+                raise TargetExistsError(f"{memory_path} exists already (it is never overwritten)")
+        vm_state = await self.run_state()
+        snap = self._new_snapshot(
+            name,
+            files={d.name: d.file for d in chosen},
+            disks=disks,
+            kind=SnapshotKind.EXTERNAL,
+            memory=MemoryKind.FILE if with_memory else MemoryKind.NONE,
+            memory_file=memory_path,
+            consistency=(
+                Consistency.FULL
+                if with_memory
+                else Consistency.QUIESCED
+                if quiesce
+                else Consistency.CRASH
+            ),
+            vm_state=vm_state,
+            description=description,
+        )
+        made = [path for disk, path in plan if not (reuse and disk.name in overlays)]
+        async with self._journal(
+            "create-external",
+            name=name,
+            overlays=[{"disk": d.name, "path": p, "made": p in made} for d, p in plan],
+            memory_file=memory_path,
+        ) as journal:
+            for disk, path in plan:
+                if path in made:
+                    await self.qemu_img.create(path, backing=disk.file, backing_fmt=disk.format)
+            if self.monitor is not None:
+                # From here the VM may be paused by us: the journal says so first.
+                pausing = with_memory and vm_state is VMState.RUNNING
+                journal.update(paused_by_us=pausing)
+                if pausing:
+                    await self.monitor.stop()
+                async with self._quiesced(quiesce):
+                    await self._switch_to_overlays(plan)
+                if memory_path is not None:
+                    journal.update(memory_made=True)
+                    # background-snapshot restarts a guest we stopped by itself, right after
+                    # its setup; on a guest the user paused, a plain save is the same thing.
+                    await self.memory.save(
+                        self.monitor,
+                        memory_path,
+                        live=live and pausing,
+                        timeout=DEFAULT_TIMEOUT,
+                        progress=progress,
+                    )
+                    # "cont" right after "completed" can fail with "Migration is not
+                    # finalized yet": wait for the run state to leave finish-migrate.
+                    await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
+                if pausing and not halt:
+                    await self._settle(VMState.RUNNING)
+            with self.store.atomic():
+                self.store.add_snapshot(self.record.id, snap)
+                self._adopt_disks(disks, {d.name: p for d, p in plan}, owned=made)
+                if memory_path is not None:
+                    self.store.add_file(self.record.id, memory_path, owned=True, role="memory")
+        return snap
+
+    async def _overlay_for(
+        self, disk: Disk, name: str, overlays: dict[str, str], reuse: bool
+    ) -> str:
+        """The overlay of ``disk``: chosen (``--overlay``), reused, or the default beside it."""
+        if disk.name not in overlays:
+            base = (await self.qemu_img.chain(disk.name, disk.file, force_share=True)).base
+            return overlay_path(disk.file, base.filename, name)
+        path = os.path.abspath(overlays[disk.name])
+        if not reuse:
+            if os.path.lexists(path):
+                raise TargetExistsError(
+                    f"{path} exists already (it is never overwritten; --reuse-external uses it)"
+                )
+            return path
+        if not os.path.exists(path):
+            raise DiskNotFoundError(f"--reuse-external: {path} does not exist")
+        (info,) = await self.qemu_img.info(path, backing_chain=False, force_share=True)
+        if info.format != "qcow2" or info.backing_filename != disk.file:
+            raise UnsupportedError(
+                f"--reuse-external: {path} must be a qcow2 image whose backing file is"
+                f" {disk.file} (it is {info.format}, backed by {info.backing_filename})"
+            )
+        return path
+
+    async def _switch_to_overlays(self, plan: Sequence[tuple[Disk, str]]) -> None:
+        """``blockdev-add`` each overlay, then one ``transaction`` of ``blockdev-snapshot``.
+
+        blockdev-snapshot needs an overlay node without a backing ("backing": null) and
+        installs the current node under it; QEMU never touches an existing file here (unlike
+        blockdev-snapshot-sync, which would overwrite one).
+        """
         assert self.monitor is not None
-        if self.machine is not None:
-            await self.machine.shutdown()
-        else:
-            pid = self.monitor.peer_pid()
-            await self.monitor.quit()
-            if pid is not None:
-                await wait_pid_exit(pid, 30.0)
-        self.monitor = None
+        added: list[str] = []
+        try:
+            for _, path in plan:
+                node = f"qs-{secrets.token_hex(6)}"
+                await self.monitor.execute(
+                    "blockdev-add",
+                    {
+                        "driver": "qcow2",
+                        "node-name": node,
+                        "file": {"driver": "file", "filename": path},
+                        "backing": None,
+                    },
+                )
+                added.append(node)
+            actions = [
+                {"type": "blockdev-snapshot", "data": {"node": disk.node_name, "overlay": node}}
+                for (disk, _), node in zip(plan, added, strict=True)
+            ]
+            await self.monitor.execute("transaction", {"actions": actions})
+        except BaseException:
+            for node in added:
+                with contextlib.suppress(OperationError):
+                    await asyncio.shield(self.monitor.execute("blockdev-del", {"node-name": node}))
+            raise
+
+    async def _undo_overlays(self, overlays: Sequence[dict[str, Any]]) -> None:
+        """Roll back an external create: a disk already switched to its new overlay is committed
+        back (active ``block-commit``, pivot), so nothing the guest wrote is lost; then the
+        overlay files qemusnap made are removed."""
+        if self.monitor is not None:
+            paths = {o["path"] for o in overlays}
+            for disk in await self.disks():
+                if disk.file in paths and disk.node_name:
+                    nodes = await self._live_nodes()
+                    (info,) = await self.qemu_img.info(disk.file, backing_chain=False,
+                                                       force_share=True)  # fmt: skip
+                    base = info.backing_filename
+                    if base is not None and base in nodes:
+                        job = _job_id("undo")
+                        await self.monitor.run_block_job(
+                            "block-commit",
+                            {"job-id": job, "device": disk.node_name, "base-node": nodes[base]},
+                            job_id=job,
+                            timeout=DEFAULT_TIMEOUT,
+                        )
+            for node in await self.monitor.query_named_block_nodes():
+                if node.get("file") in paths and node.get("drv") == "qcow2":
+                    with contextlib.suppress(OperationError):
+                        await self.monitor.execute("blockdev-del", {"node-name": node["node-name"]})
+        self._remove_created([o["path"] for o in overlays if o.get("made")])
+
+    def _adopt_disks(
+        self, disks: Sequence[Disk], new_files: dict[str, str], *, owned: Iterable[str] = ()
+    ) -> None:
+        """Record the disks' active images after they moved to ``new_files``."""
+        owned = set(owned)
+        with self.store.atomic():
+            self.store.set_disks(
+                self.record.id,
+                [
+                    DiskRecord(d.name, new_files.get(d.name, d.file),
+                               "qcow2" if d.name in new_files else d.format)
+                    for d in disks
+                ],
+            )  # fmt: skip
+            for path in new_files.values():
+                if path in owned or self.store.is_owned(self.record.id, path):
+                    self.store.add_file(self.record.id, path, owned=True, role="overlay")
+                else:
+                    self.store.add_file(self.record.id, path, owned=False, role="overlay")
+
+    async def _live_nodes(self) -> dict[str, str]:
+        """Image file -> node name of its format node, for every image QEMU has open."""
+        assert self.monitor is not None
+        nodes: dict[str, str] = {}
+        for node in await self.monitor.query_named_block_nodes():
+            if node.get("drv") not in ("file", "host_device", "host_cdrom") and node.get("file"):
+                nodes.setdefault(str(node["file"]), str(node["node-name"]))
+        return nodes
 
     # --- revert ---------------------------------------------------------------------------------
 
@@ -585,63 +865,163 @@ class VM:
         force: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> Snapshot:
-        """Bring the VM back to snapshot ``name`` (SPEC "Revert")."""
+        """Bring the VM back to snapshot ``name`` (SPEC "Revert").
+
+        A checkpoint comes back in the run state it was taken in unless ``running``/``paused``
+        say otherwise.  Reverting a running VM to a disk-only snapshot restarts QEMU on the
+        reverted disks (its running state is lost): that needs ``force``.
+        """
         if running and paused:
             raise UnsupportedError("--running and --paused exclude each other")
+        requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
         async with asyncio.timeout(timeout), self._operation(f"revert {name}"):
             snap = self.tree().get(name)
-            if snap.kind is not SnapshotKind.INTERNAL:
-                raise UnsupportedError("reverting external snapshots is not built yet")
-            target = VMState.RUNNING if running else VMState.PAUSED if paused else None
-            if self.monitor is None:
-                await self._revert_internal_cold(snap)
-            elif snap.memory is MemoryKind.INTERNAL:
-                await self._revert_internal_checkpoint(snap, target or snap.vm_state)
+            if self.live and not snap.is_checkpoint and not force:
+                raise UnsupportedError(
+                    f"{name} is a disk-only snapshot: reverting a running VM to it restarts"
+                    " QEMU and loses its current running state; add --force"
+                )
+            disks = await self.disks()
+            if snap.kind is SnapshotKind.INTERNAL:
+                await self._revert_internal(snap, disks, requested)
             else:
-                if not force:
-                    raise UnsupportedError(
-                        f"{name} is a disk-only snapshot: reverting a running VM to it restarts"
-                        " QEMU and loses its current running state; add --force"
-                    )
-                await self._revert_disks_by_restart(snap, target or VMState.RUNNING)
+                await self._revert_external(snap, disks, requested)
             self.store.set_current(self.record.id, name)
         return self.tree().get(name)
 
-    def _snapshot_disks(self, snap: Snapshot, disks: Sequence[Disk]) -> list[Disk]:
-        wanted = {d.name for d in snap.disks if d.snapshot is not DiskSnapshotKind.EXCLUDED}
-        return [d for d in disks if d.name in wanted]
+    def _targets(self, snap: Snapshot, disks: Sequence[Disk]) -> list[tuple[Disk, str]]:
+        """(disk now, image holding the snapshot's data) for each disk the snapshot covers."""
+        by_name = {d.name: d for d in disks}
+        return [
+            (by_name[d.name], d.file)
+            for d in snap.disks
+            if d.snapshot is not DiskSnapshotKind.EXCLUDED and d.file and d.name in by_name
+        ]
 
-    async def _revert_internal_cold(self, snap: Snapshot) -> None:
-        disks = self._snapshot_disks(snap, await self.disks())
-        for disk in disks:
-            if await self.qemu_img.image_in_use(disk.file):
-                raise ImageInUseError(
-                    f"image {disk.file} (disk {disk.name}) is in use by a running QEMU:"
-                    " use --qmp SOCKET to revert it live"
+    async def _revert_internal(
+        self, snap: Snapshot, disks: Sequence[Disk], requested: VMState | None
+    ) -> None:
+        """In place where the image holding the snapshot is still the disk's active image: a
+        checkpoint with ``snapshot-load`` (same QEMU), disks with ``qemu-img snapshot -a``.
+
+        An image a later external snapshot froze must not change (that snapshot reads it), so
+        it is cloned first and the clone reverted: a new branch, like any external revert.
+        """
+        targets = self._targets(snap, disks)
+        clones: dict[str, str] = {}
+        for disk, file in targets:
+            if file != disk.file:
+                base = (await self.qemu_img.chain(disk.name, file, force_share=True)).base
+                clones[disk.name] = overlay_path(file, base.filename, snap.name)
+        in_place = self.monitor is not None and snap.memory is MemoryKind.INTERNAL
+        start = None
+        if self.monitor is not None and (clones or not in_place):
+            start = await self._prepare_restart(clones)
+        if self.monitor is None:
+            await self._refuse_in_use(disks, "use --qmp SOCKET to revert it live")
+        old = [d.file for d in disks]
+        async with self._journal("revert", name=snap.name, overlays=clones) as journal:
+            for disk, file in targets:
+                if disk.name in clones:
+                    await self._clone(file, clones[disk.name], keep_tag=snap.name)
+            holders = [clones.get(disk.name, disk.file) for disk, _ in targets]
+            if start is not None:
+                await self._stop_qemu()
+                journal.update(stopped=True)
+            if not in_place:
+                for holder in holders:
+                    await self.qemu_img.snapshot_apply(holder, snap.name)
+                await self._delete_internal_tags(snap.name, list(clones.values()))
+            if start is not None:
+                await start(False)
+                journal.update(started=True)
+            if in_place:
+                assert self.monitor is not None
+                # snapshot-load pauses the vCPUs while loading and restarts them only if they
+                # were running: the final run state is settled below.
+                nodes = {d.file: d.node_name for d in await self.disks()}
+                await self.monitor.run_job(
+                    "snapshot-load",
+                    {"tag": snap.name, "vmstate": nodes[holders[0]],
+                     "devices": [nodes[h] for h in holders]},
+                    job_id=_job_id("load"),
+                    timeout=DEFAULT_TIMEOUT,
+                )  # fmt: skip
+                await self._delete_internal_tags(snap.name, list(clones.values()))
+            if self.monitor is not None:
+                await self._settle(requested or (snap.vm_state if in_place else VMState.RUNNING))
+            if clones:
+                self._adopt_disks(disks, clones, owned=clones.values())
+        self._discard_abandoned(old)
+
+    async def _clone(self, source: str, target: str, *, keep_tag: str) -> None:
+        """A private copy of a frozen image (sparse, reflinked where the filesystem can), with
+        only the internal snapshot ``keep_tag`` left in it."""
+        fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        os.close(fd)
+        self.store.add_file(self.record.id, target, owned=True, role="overlay")
+        await process.run(
+            ["cp", "--sparse=always", "--reflink=auto", source, target], timeout=DEFAULT_TIMEOUT
+        )
+        for tag in await self.qemu_img.snapshot_list(target):
+            if tag.name != keep_tag:
+                await self.qemu_img.snapshot_delete(target, tag.name)
+
+    async def _revert_external(
+        self, snap: Snapshot, disks: Sequence[Disk], requested: VMState | None
+    ) -> None:
+        """Fresh overlays on top of the snapshot's images (a branch: no image another snapshot
+        depends on is ever written); QEMU, if it runs or memory is to be loaded, is restarted on
+        them (``-incoming defer`` + the memory file for a checkpoint)."""
+        targets = self._targets(snap, disks)
+        overlays: dict[str, str] = {}
+        for disk, file in targets:
+            base = (await self.qemu_img.chain(disk.name, file, force_share=True)).base
+            overlays[disk.name] = overlay_path(file, base.filename, snap.name)
+        with_memory = snap.memory is MemoryKind.FILE
+        if with_memory and (snap.memory_file is None or not os.path.exists(snap.memory_file)):
+            raise DiskNotFoundError(f"memory file of {snap.name} is missing: {snap.memory_file}")
+        start = None
+        if self.monitor is not None or with_memory:
+            start = await self._prepare_restart(overlays)
+        else:
+            await self._refuse_in_use(disks, "use --qmp SOCKET to revert it live")
+        old = {d.name: d.file for d in disks}
+        async with self._journal("revert", name=snap.name, overlays=overlays) as journal:
+            for disk, file in targets:
+                await self.qemu_img.create(
+                    overlays[disk.name], backing=file, backing_fmt=await self._format(file)
                 )
-        with self._journal("revert-internal", name=snap.name, files=[d.file for d in disks]):
-            for disk in disks:
-                await self.qemu_img.snapshot_apply(disk.file, snap.name)
+            if start is not None:
+                if self.monitor is not None:
+                    await self._stop_qemu()
+                journal.update(stopped=True)
+                await start(with_memory)
+                journal.update(started=True)
+                if with_memory:
+                    assert self.monitor is not None and snap.memory_file is not None
+                    await self.memory.load(self.monitor, snap.memory_file, timeout=DEFAULT_TIMEOUT)
+                default = snap.vm_state if with_memory else VMState.RUNNING
+                await self._settle(requested or default)
+            self._adopt_disks(disks, overlays, owned=overlays.values())
+        self._discard_abandoned(old.values())
 
-    async def _revert_internal_checkpoint(self, snap: Snapshot, target: VMState) -> None:
-        assert self.monitor is not None
-        disks = self._snapshot_disks(snap, await self.disks())
-        # snapshot-load pauses the vCPUs while loading and restarts them only if they were
-        # running before: settle the final state ourselves afterwards.
-        with self._journal("revert-internal", name=snap.name, files=[d.file for d in disks]):
-            await self.monitor.run_job(
-                "snapshot-load",
-                {
-                    "tag": snap.name,
-                    "vmstate": disks[0].node_name,
-                    "devices": [d.node_name for d in disks],
-                },
-                job_id=f"qemusnap-load-{os.getpid()}",
-                timeout=DEFAULT_TIMEOUT,
-            )
-            await self._settle(target)
+    def _discard_abandoned(self, files: Iterable[str]) -> None:
+        """Former active images nothing refers to any more (the state a revert left behind)
+        are removed, if qemusnap made them."""
+        needed = self._referenced_files()
+        for path in files:
+            if path not in needed and self.store.is_owned(self.record.id, path):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(path)
+                self.store.forget_file(self.record.id, path)
+
+    async def _format(self, file: str) -> str:
+        (info,) = await self.qemu_img.info(file, backing_chain=False, force_share=True)
+        return info.format
 
     async def _settle(self, target: VMState) -> None:
+        """Leave QEMU in ``target`` run state."""
         assert self.monitor is not None
         status = await self.monitor.query_status()
         if target is VMState.RUNNING and not status.running:
@@ -649,34 +1029,79 @@ class VM:
         elif target is VMState.PAUSED and status.running:
             await self.monitor.stop()
 
-    async def _revert_disks_by_restart(self, snap: Snapshot, target: VMState) -> None:
-        """A disk-only snapshot of a running VM: its memory would not match the reverted disks,
-        so QEMU is stopped, the disks reverted, and QEMU started again on them (a fresh boot)."""
-        assert self.monitor is not None
-        launch = self._relaunch_plan()
-        disks = self._snapshot_disks(snap, await self.disks())
-        with self._journal("revert-restart", name=snap.name, files=[d.file for d in disks]):
-            await self._stop_qemu()
-            for disk in disks:
-                await self.qemu_img.snapshot_apply(disk.file, snap.name)
-            await self._start_qemu(launch, {}, incoming=False)
-            await self._settle(target)
+    # --- restarting QEMU ------------------------------------------------------------------------
 
-    def _relaunch_plan(self) -> RecordedLaunch | Machine | RelaunchHook:
-        """How this VM can be started again; refuse *before* stopping anything if unknown."""
+    async def _prepare_restart(self, new_files: dict[str, str]) -> Starter:
+        """How to start this VM again with disks moved to ``new_files`` (disk name -> image).
+
+        Everything that can be refused is refused here, *before* anything is stopped.
+        """
         if self.relaunch_hook is not None:
-            return self.relaunch_hook
+            hook = self.relaunch_hook
+
+            async def by_hook(incoming: bool) -> None:
+                self.monitor = await hook(dict(new_files), incoming)
+
+            return by_hook
         if self.machine is not None:
-            return self.machine
-        launch = self.store.vm(self.record.id).launch
-        if launch and "argv" in launch:
-            return RecordedLaunch.from_json(launch)
-        raise UnsupportedError(
-            "cannot restart this QEMU: its command line is unknown (attach by QMP socket path,"
-            " or pass a relaunch hook)"
-        )
+            machine = self.machine
+            config = attrs.evolve(
+                machine.config,
+                drives=tuple(
+                    attrs.evolve(d, file=new_files.get(d.id, d.file)) for d in machine.config.drives
+                ),
+            )
+
+            async def by_machine(incoming: bool) -> None:
+                self.machine = Machine(
+                    config, paused=True, incoming=incoming, log_dir=str(machine.log_dir)
+                )
+                await self.machine.launch()
+                self.monitor = self.machine.monitor
+
+            return by_machine
+        recorded = self.store.vm(self.record.id).launch
+        if not recorded or "argv" not in recorded:
+            raise UnsupportedError(
+                "cannot start this VM's QEMU: its command line is unknown (attach once with"
+                " --qmp SOCKET while it runs, or pass a relaunch hook)"
+            )
+        launch = RecordedLaunch.from_json(recorded)
+        launch = launch.with_disks(await self._argv_replacements(launch, new_files))
+        log_file = self.store.memory_dir(self.record.id).parent / "qemu.log"
+
+        async def by_command_line(incoming: bool) -> None:
+            _, self.monitor = await relaunch(launch, incoming=incoming, log_file=log_file)
+            self.store.set_vm_info(self.record.id, launch=launch.to_json())
+
+        return by_command_line
+
+    async def _argv_replacements(
+        self, launch: RecordedLaunch, new_files: dict[str, str]
+    ) -> dict[str, str]:
+        """Which path of the recorded command line each moved disk's image is.
+
+        The command line names an image of each disk's backing chain (the original base, if
+        external snapshots came later): exactly one, or qemusnap cannot tell what to replace.
+        """
+        named = [p for p in image_paths_in_argv(launch.argv, launch.cwd) if os.path.exists(p)]
+        replace: dict[str, str] = {}
+        for disk in await self.disks():
+            if disk.name not in new_files:
+                continue
+            chain = await self.qemu_img.chain(disk.name, disk.file, force_share=True)
+            files = {image.filename for image in chain.images}
+            hits = [p for p in named if p in files]
+            if len(hits) != 1:
+                raise UnsupportedError(
+                    f"cannot restart QEMU with disk {disk.name} moved: its command line names"
+                    f" {len(hits)} images of that disk's chain (use a relaunch hook)"
+                )
+            replace[hits[0]] = new_files[disk.name]
+        return replace
 
     async def _stop_qemu(self) -> None:
+        """``quit`` QEMU and wait until its process is gone (its images unlocked)."""
         assert self.monitor is not None
         if self.machine is not None:
             await self.machine.shutdown()
@@ -688,37 +1113,67 @@ class VM:
                 raise OperationTimeout(f"QEMU (pid {pid}) did not exit after quit")
         self.monitor = None
 
-    async def _start_qemu(
-        self,
-        how: RecordedLaunch | Machine | RelaunchHook,
-        new_files: dict[str, str],
-        *,
-        incoming: bool,
+    # --- memory-only save / restore -------------------------------------------------------------
+
+    async def save(
+        self, file: str, *, progress: Progress | None = None, timeout: float = DEFAULT_TIMEOUT
     ) -> None:
-        """Start QEMU again (paused), with disks moved to ``new_files`` (disk name -> image)."""
-        if isinstance(how, Machine):
-            config = how.config
-            if new_files:
-                config = attrs.evolve(
-                    config,
-                    drives=tuple(
-                        attrs.evolve(d, file=new_files.get(d.id, d.file)) for d in config.drives
-                    ),
+        """Save the VM's memory state into ``file`` and stop QEMU (``virsh save``)."""
+        if self.monitor is None:
+            raise UnsupportedError("save needs a running VM (--qmp SOCKET)")
+        path = os.path.abspath(file)
+        if os.path.lexists(path):
+            raise TargetExistsError(f"{path} exists already (it is never overwritten)")
+        async with asyncio.timeout(timeout), self._operation(f"save {path}"):
+            await self._prepare_restart({})  # restore must be possible: refuse now if not
+            vm_state = await self.run_state()
+            disks = await self.disks()
+            saved = {
+                "file": path,
+                "vm_state": str(vm_state),
+                "disks": {d.name: d.file for d in disks},
+            }
+            async with self._journal(
+                "save", file=path, saved=saved, paused_by_us=vm_state is VMState.RUNNING, made=True
+            ) as journal:
+                if vm_state is VMState.RUNNING:
+                    await self.monitor.stop()
+                await self.memory.save(
+                    self.monitor, path, live=False, timeout=DEFAULT_TIMEOUT, progress=progress
                 )
-            self.machine = Machine(config, paused=True, incoming=incoming, log_dir=str(how.log_dir))
-            await self.machine.launch()
-            self.monitor = self.machine.monitor
-            self.store.set_vm_info(self.record.id, launch={"config": attrs.asdict(config)})
-        elif isinstance(how, RecordedLaunch):
-            old = {d.name: d.file for d in self.record.disks}
-            launch = how.with_disks({old[n]: f for n, f in new_files.items() if n in old})
-            log_file = self.store.memory_dir(self.record.id).parent / "qemu.log"
-            _, self.monitor = await relaunch(launch, incoming=incoming, log_file=log_file)
-            self.store.set_vm_info(self.record.id, launch=launch.to_json())
-        else:
-            self.monitor = await how(new_files, incoming)
-        disks = await self.monitor.disks()
-        self.store.set_disks(self.record.id, [DiskRecord(d.name, d.file, d.format) for d in disks])
+                await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
+                journal.update(written=True, paused_by_us=False)
+                await self._stop_qemu()
+                with self.store.atomic():
+                    self.store.set_saved(self.record.id, saved)
+                    self.store.add_file(self.record.id, path, owned=False, role="save")
+
+    async def restore(
+        self,
+        file: str,
+        *,
+        running: bool = False,
+        paused: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Start QEMU again from a memory-only save (``virsh restore``)."""
+        if self.monitor is not None:
+            raise UnsupportedError("restore needs a stopped VM: this one runs")
+        path = os.path.abspath(file)
+        if not os.path.exists(path):
+            raise DiskNotFoundError(f"no such saved state: {file}")
+        async with asyncio.timeout(timeout), self._operation(f"restore {path}"):
+            saved = self.store.vm(self.record.id).saved or {}
+            if saved.get("file") not in (None, path):
+                log.warning("%s is not this VM's last save (%s)", path, saved.get("file"))
+            start = await self._prepare_restart({})
+            async with self._journal("restore", file=path):
+                await start(True)
+                assert self.monitor is not None
+                await self.memory.load(self.monitor, path, timeout=DEFAULT_TIMEOUT)
+                default = VMState(saved.get("vm_state", "running"))
+                await self._settle(VMState.RUNNING if running else VMState.PAUSED if paused
+                                   else default)  # fmt: skip
 
     # --- delete ---------------------------------------------------------------------------------
 
@@ -731,96 +1186,221 @@ class VM:
         metadata_only: bool = False,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> list[str]:
-        """Delete snapshot ``name`` (and/or its descendants); returns the names removed."""
+        """Delete snapshot ``name`` (and/or its descendants); returns the names removed.
+
+        Without ``children`` the deleted snapshot's children move to its parent.  External
+        snapshots are merged away so that no other snapshot and no running disk loses data;
+        ``metadata_only`` forgets them and touches no file.
+        """
         if children and children_only:
             raise UnsupportedError("--children and --children-only exclude each other")
         async with asyncio.timeout(timeout), self._operation(f"delete {name}"):
             tree = self.tree()
-            plan = plan_delete(
-                tree,
-                name,
-                children=children,
-                children_only=children_only,
-                metadata_only=metadata_only,
-            )
+            plan = plan_delete(tree, name, children=children, children_only=children_only,
+                               metadata_only=metadata_only)  # fmt: skip
             for victim in plan.remove:
                 snap = tree.get(victim)
-                if snap.kind is not SnapshotKind.INTERNAL and not metadata_only:
-                    raise UnsupportedError("deleting external snapshots is not built yet")
-            for victim in plan.remove:
-                snap = tree.get(victim)
-                if not metadata_only:
+                if metadata_only:
+                    self.store.remove_snapshots(self.record.id, [victim], {})
+                elif snap.kind is SnapshotKind.INTERNAL:
                     files = [d.file for d in snap.disks if d.file]
-                    with self._journal("delete-internal", name=victim, files=files):
+                    await self._refuse_frozen_tags(snap)
+                    async with self._journal("delete-internal", name=victim, files=files):
                         await self._delete_internal_tags(victim, files)
                         self.store.remove_snapshots(self.record.id, [victim], {})
                 else:
-                    self.store.remove_snapshots(self.record.id, [victim], {})
+                    await self._merge_plans(snap)  # refuses what cannot be done, before any step
+                    async with self._journal("delete-external", name=victim):
+                        await self._delete_external(snap)
             self.store.remove_snapshots(self.record.id, [], plan.reparent)
         return list(plan.remove)
+
+    async def _refuse_frozen_tags(self, snap: Snapshot) -> None:
+        """Live, an internal snapshot inside an image QEMU reads as a backing file cannot be
+        deleted (QEMU holds it read-only; qemu-img may not write it)."""
+        if self.monitor is None:
+            return
+        active = {d.file for d in await self.disks()}
+        nodes = await self._live_nodes()
+        for d in snap.disks:
+            if d.file and d.file not in active and d.file in nodes:
+                raise UnsupportedError(
+                    f"{snap.name} is stored inside {d.file}, which the running VM reads as a"
+                    " backing file: delete it while the VM is stopped (--disk)"
+                )
 
     async def _delete_internal_tags(self, name: str, files: Sequence[str]) -> None:
         """Remove tag ``name`` from the images that still hold it (idempotent, for recovery).
 
-        Images QEMU has open go through the ``snapshot-delete`` job; the others (or all, cold)
-        through ``qemu-img snapshot -d``.
+        Images QEMU writes go through the ``snapshot-delete`` job; the others through
+        ``qemu-img snapshot -d``.
         """
-        nodes = {d.file: d.node_name for d in await self.monitor.disks()} if self.monitor else {}
-        holding = [f for f in files if os.path.exists(f) and await self._has_tag(f, name)]
+        nodes = {d.file: d.node_name for d in await self.disks()} if self.monitor else {}
+        holding = [
+            f
+            for f in files
+            if os.path.exists(f) and any(s.name == name for s in await self._tags(f))
+        ]
         in_qemu = [nodes[f] for f in holding if nodes.get(f)]
         if self.monitor is not None and in_qemu:
             await self.monitor.run_job(
                 "snapshot-delete",
                 {"tag": name, "devices": in_qemu},
-                job_id=f"qemusnap-delete-{os.getpid()}",
+                job_id=_job_id("delete"),
                 timeout=DEFAULT_TIMEOUT,
             )
         for file in holding:
             if file not in nodes:
                 await self.qemu_img.snapshot_delete(file, name)
 
-    async def _has_tag(self, file: str, name: str) -> bool:
-        return any(
-            s.name == name for s in await self.qemu_img.snapshot_list(file, force_share=self.live)
-        )
+    async def _delete_external(self, snap: Snapshot) -> None:
+        """Merge each disk's frozen image away (see :mod:`qemusnap.plan`), remove the memory
+        file, forget the snapshot.  Idempotent: recovery runs it again after a crash."""
+        for steps in await self._merge_plans(snap):
+            for step in steps:
+                await self._run_step(step)
+        if snap.memory_file and self.store.is_owned(self.record.id, snap.memory_file):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(snap.memory_file)
+            self.store.forget_file(self.record.id, snap.memory_file)
+        self.store.remove_snapshots(self.record.id, [snap.name], {})
+
+    async def _merge_plans(self, snap: Snapshot) -> list[list[Step]]:
+        """The merge steps for each disk of external snapshot ``snap`` (disks' chains are
+        disjoint, so they can be planned together)."""
+        graph, holds_internal = await self._image_graph()
+        owned = {p for p, mine in self.store.files(self.record.id).items() if mine}
+        return [
+            plan_merge_away(ImageGraph(graph), d.file, owned=owned, holds_internal=holds_internal)
+            for d in snap.disks
+            if d.snapshot is DiskSnapshotKind.EXTERNAL and d.file and d.file in graph
+        ]
+
+    async def _image_graph(self) -> tuple[dict[str, str | None], set[str]]:
+        """Backing file of every image this VM's snapshots and disks know, and which of them
+        hold internal snapshots."""
+        known = set(self.store.files(self.record.id)) | self._referenced_files()
+        for disk in await self.disks():
+            chain = await self.qemu_img.chain(disk.name, disk.file, force_share=True)
+            known.update(image.filename for image in chain.images)
+        graph: dict[str, str | None] = {}
+        holds_internal: set[str] = set()
+        for path in sorted(known):
+            if not os.path.exists(path) or path.endswith(".mem"):
+                continue
+            try:
+                (info,) = await self.qemu_img.info(path, backing_chain=False, force_share=True)
+            except OperationError:
+                continue  # not an image (a memory file, a saved state)
+            graph[path] = info.backing_filename
+            if info.snapshots:
+                holds_internal.add(path)
+        return graph, holds_internal
+
+    async def _run_step(self, step: Step) -> None:
+        """One merge step, through QEMU when it has the image open, else with qemu-img."""
+        nodes = await self._live_nodes() if self.monitor is not None else {}
+        disks = await self.disks()
+        match step:
+            case Commit(top=top, base=base):
+                if top in nodes and self.monitor is not None:
+                    active = next((d for d in disks if d.file == top), None)
+                    args: dict[str, Any] = {"base-node": nodes[base]}
+                    if active is not None:  # active commit: READY, then pivot to base
+                        args["device"] = nodes[top]
+                    else:
+                        args["device"] = await self._active_node_above(top, disks)
+                        args["top-node"] = nodes[top]
+                    job = _job_id("commit")
+                    await self.monitor.run_block_job(
+                        "block-commit", {"job-id": job, **args}, job_id=job, timeout=DEFAULT_TIMEOUT
+                    )
+                else:
+                    await self._refuse_in_use([Disk(top, top, "qcow2")], "stop the VM first")
+                    await self.qemu_img.commit(top, keep_top=True)
+                self.store.rename_references(self.record.id, top, base)
+            case Pull(image=image, new_backing=new):
+                if image in nodes and self.monitor is not None:
+                    job = _job_id("stream")
+                    args = {"job-id": job, "device": nodes[image]}
+                    if new is not None:
+                        args["base-node"] = nodes[new]
+                    await self.monitor.run_block_job(
+                        "block-stream", args, job_id=job, timeout=DEFAULT_TIMEOUT
+                    )
+                else:
+                    fmt = await self._format(new) if new else None
+                    await self.qemu_img.rebase(image, new, fmt)
+            case Rebind(image=image, new_backing=new):
+                (info,) = await self.qemu_img.info(image, backing_chain=False, force_share=True)
+                if info.backing_filename != new:
+                    await self.qemu_img.rebase(image, new, await self._format(new), unsafe=True)
+            case Remove(path=path):
+                if self.monitor is not None and path in nodes:
+                    # Merged out of every chain, but a node opened by -blockdev/blockdev-add
+                    # stays open until it is deleted explicitly.
+                    try:
+                        await self.monitor.execute("blockdev-del", {"node-name": nodes[path]})
+                    except CommandError as exc:
+                        raise OperationError(f"QEMU still uses {path}: {exc}") from exc
+                if self.store.is_owned(self.record.id, path):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(path)
+                    self.store.forget_file(self.record.id, path)
+
+    async def _active_node_above(self, image: str, disks: Sequence[Disk]) -> str:
+        """The node name of the active image of the disk whose chain contains ``image``."""
+        for disk in disks:
+            chain = await self.qemu_img.chain(disk.name, disk.file, force_share=True)
+            if image in {i.filename for i in chain.images} and disk.node_name:
+                return disk.node_name
+        raise OperationError(f"no running disk reads {image}")
 
 
 # --- helpers ------------------------------------------------------------------------------------
 
 
-async def _cold_disks(store: Store, paths: Sequence[str]) -> list[Disk]:
-    """Disks of a stopped VM from image paths; names come from the store when it knows them."""
+async def _cold_record(store: Store, paths: Sequence[str]) -> VMRecord:
+    """The VM a cold command means: the one owning any of ``paths``, or a new one made of them,
+    or (no paths) the only VM the store knows."""
+    if not paths:
+        known = store.vms()
+        if len(known) != 1:
+            raise VMNotFoundError(
+                f"the state directory {store.directory} knows {len(known)} VMs:"
+                " name one with --qmp SOCKET or --disk PATH"
+            )
+        return known[0]
+    absolute = [os.path.abspath(p) for p in paths]
+    for path, given in zip(absolute, paths, strict=True):
+        if not os.path.exists(path):
+            raise DiskNotFoundError(f"no such disk image: {given}")
+    found = store.find_vm(absolute)
+    if found is not None:
+        return found
     qemu_img = QemuImg()
-    disks: list[Disk] = []
-    for path in paths:
-        absolute = os.path.abspath(path)
-        if not os.path.exists(absolute):
-            raise DiskNotFoundError(f"no such disk image: {path}")
-        infos = await qemu_img.info(absolute, backing_chain=False, force_share=True)
-        known = store.find_vm([absolute])
-        name = next((d.name for d in known.disks if d.file == absolute), None) if known else None
-        disks.append(Disk(name or Path(absolute).stem, absolute, infos[0].format))
+    disks = []
+    for path in absolute:
+        (info,) = await qemu_img.info(path, backing_chain=False, force_share=True)
+        disks.append(Disk(Path(path).stem, path, info.format))
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
         raise UnsupportedError(f"two disks would share a name: {names}")
-    return disks
+    return await _find_or_add_vm(store, disks)
 
 
-async def _find_or_add_vm(store: Store, disks: Sequence[Disk], *, live: bool) -> VMRecord:
-    """The store's record of the VM with these disks, made if new, with active files updated."""
+async def _find_or_add_vm(store: Store, disks: Sequence[Disk]) -> VMRecord:
+    """The store's record of the VM with these disks (made if new), active images updated."""
     qemu_img = QemuImg()
+    writable = [d for d in disks if not d.read_only]
     files: list[str] = []
-    for disk in disks:
-        if disk.read_only:
-            continue
+    for disk in writable:
         chain = await qemu_img.chain(disk.name, disk.file, force_share=True)
         files.extend(image.filename for image in chain.images)
-    writable = [d for d in disks if not d.read_only]
     record = store.find_vm([d.file for d in writable]) or store.find_vm(files)
     records = [DiskRecord(d.name, d.file, d.format) for d in writable]
     if record is None:
         name = Path(writable[0].file).stem if writable else "vm"
         return store.add_vm(name, records, files)
-    if live or not record.disks:
-        store.set_disks(record.id, records)
+    store.set_disks(record.id, records)
     return store.vm(record.id)

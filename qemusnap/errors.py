@@ -21,6 +21,7 @@ Cancellation (``asyncio.CancelledError``) is never wrapped.
         │   ├── CommandError        QEMU answered a command with an error
         │   └── JobError            a QMP job or block job ended with an error
         ├── GuestAgentError         qemu-guest-agent failed or is unreachable
+        ├── MemoryFileError         writing or loading a memory file failed
         ├── QemuImgError            a qemu-img (or qemu-io) run failed
         │   └── ImageInUseError     the image is locked by a running QEMU
         ├── ProgramNotFoundError    qemu-img / qemu-system-* / ... is not installed
@@ -108,6 +109,10 @@ class JobError(MonitorError):
 
 class GuestAgentError(OperationError):
     """qemu-guest-agent failed or did not answer."""
+
+
+class MemoryFileError(OperationError):
+    """Writing or loading a memory file (a migration stream) failed."""
 
 
 class QemuImgError(OperationError):

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import os
@@ -446,22 +447,47 @@ def _map_image_args(argv: Sequence[str], cwd: str, swap: Callable[[str], str | N
 
 
 def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
-    """``argv`` for a restart: always ``-S`` (qemusnap sends ``cont`` itself), and
-    ``-incoming defer`` when memory state will be loaded."""
+    """``argv`` for a restart: always ``-S`` (qemusnap sends ``cont`` itself), ``-incoming
+    defer`` when memory state will be loaded, and without monitors on inherited file
+    descriptors (``-chardev socket,fd=N``: that descriptor does not exist in a new process)."""
+    fd_chardevs = {
+        opts.get("id")
+        for option, value in itertools.pairwise(argv)
+        if option == "-chardev"
+        for opts in [_opts_dict(value)]
+        if "fd" in opts
+    }
     out: list[str] = []
     skip = False
-    for arg in argv:
+    for i, arg in enumerate(argv):
+        value = argv[i + 1] if i + 1 < len(argv) else ""
         if skip:
             skip = False
         elif arg in _DROP_FLAGS:
             pass
-        elif arg in _DROP_WITH_VALUE:
+        elif (
+            arg in _DROP_WITH_VALUE
+            or (arg == "-chardev" and _opts_dict(value).get("id") in fd_chardevs)
+            or (arg == "-mon" and _opts_dict(value).get("chardev") in fd_chardevs)
+        ):
             skip = True
         else:
             out.append(arg)
     out.append("-S")
     if incoming:
         out += ["-incoming", "defer"]
+    return out
+
+
+def _opts_dict(value: str) -> dict[str, str]:
+    """``socket,id=x,fd=3`` -> {"": "socket", "id": "x", "fd": "3"} (QEMU option syntax)."""
+    out: dict[str, str] = {}
+    for part in _split_opts(value):
+        key, sep, val = part.partition("=")
+        if sep:
+            out[key] = val
+        else:
+            out[""] = key
     return out
 
 

@@ -44,7 +44,8 @@ CREATE TABLE IF NOT EXISTS vms (
     created TEXT NOT NULL,
     current TEXT,                 -- name of the current snapshot (virsh's "current")
     qmp_socket TEXT,              -- last QMP socket seen for this VM
-    launch TEXT                   -- JSON: how to start this VM again (argv, ...), or NULL
+    launch TEXT,                  -- JSON: how to start this VM again (argv, ...), or NULL
+    saved TEXT                    -- JSON: the last memory-only save ("save FILE"), or NULL
 );
 CREATE TABLE IF NOT EXISTS disks (
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
@@ -114,6 +115,7 @@ class VMRecord:
     qmp_socket: str | None
     launch: dict[str, Any] | None
     disks: tuple[DiskRecord, ...]
+    saved: dict[str, Any] | None = None
 
 
 @attrs.frozen
@@ -208,6 +210,7 @@ class Store:
             qmp_socket=row["qmp_socket"],
             launch=json.loads(row["launch"]) if row["launch"] else None,
             disks=disks,
+            saved=json.loads(row["saved"]) if row["saved"] else None,
         )
 
     def find_vm(self, files: Iterable[str]) -> VMRecord | None:
@@ -265,6 +268,11 @@ class Store:
                 db.execute("UPDATE vms SET qmp_socket=? WHERE id=?", (qmp_socket, vm_id))
             if launch is not None:
                 db.execute("UPDATE vms SET launch=? WHERE id=?", (json.dumps(launch), vm_id))
+
+    def set_saved(self, vm_id: int, saved: dict[str, Any] | None) -> None:
+        with self._tx() as db:
+            value = json.dumps(saved) if saved is not None else None
+            db.execute("UPDATE vms SET saved=? WHERE id=?", (value, vm_id))
 
     def set_current(self, vm_id: int, name: str | None) -> None:
         with self._tx() as db:

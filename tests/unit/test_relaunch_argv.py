@@ -46,3 +46,11 @@ def test_machine_argv_has_stable_names() -> None:
     node = json.loads(argv[argv.index("-blockdev") + 1])
     assert node["node-name"] == "vda-fmt" and node["file"]["filename"] == "/d/a.qcow2"
     assert "virtio-blk-pci,drive=vda-fmt,id=vda" in argv
+
+
+def test_restart_argv_drops_monitors_on_inherited_fds() -> None:
+    argv = ["qemu", "-chardev", "socket,id=qs-qmp,fd=7", "-mon", "chardev=qs-qmp,mode=control",
+            "-qmp", "unix:/q.sock,server=on,wait=off", "-chardev", "socket,id=c1,path=/x"]
+    assert restart_argv(argv, incoming=False) == [
+        "qemu", "-qmp", "unix:/q.sock,server=on,wait=off", "-chardev", "socket,id=c1,path=/x", "-S"
+    ]

@@ -1,0 +1,127 @@
+"""Pure planning for external snapshots: where overlays go, and how a frozen image is merged
+away when its snapshot is deleted.  No I/O: the engine executes the steps (live or cold).
+
+Images form a forest: every image has at most one backing image, and one image may back several
+others (a branch after a revert).  An external snapshot freezes one image per disk; deleting the
+snapshot merges that image away without changing what any other image reads:
+
+* exactly one image depends on it: **commit** that dependent down into it (``block-commit``,
+  an active commit with pivot when the dependent is the running disk; ``qemu-img commit``
+  cold).  The frozen image then plays the dependent's role, and the dependent goes away.
+* several depend on it: **pull** its data up into each (``block-stream`` / ``qemu-img rebase``
+  onto its backing), then it goes away.
+* none: it just goes away.
+
+An image holding internal snapshots is never rebased or removed (its internal snapshots would
+read different data, or vanish): such a plan is refused.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Collection, Mapping
+
+import attrs
+
+from .errors import UnsupportedError
+
+
+@attrs.frozen
+class Commit:
+    """Merge ``top`` into its backing image ``base``; ``top`` is gone afterwards and whatever
+    referred to it (a snapshot, the running disk) refers to ``base``."""
+
+    top: str
+    base: str
+
+
+@attrs.frozen
+class Pull:
+    """Copy ``old_backing``'s data into ``image`` and make ``new_backing`` its backing."""
+
+    image: str
+    old_backing: str
+    new_backing: str | None
+
+
+@attrs.frozen
+class Rebind:
+    """Point ``image``'s backing at ``new_backing``: same data, another file (``rebase -u``)."""
+
+    image: str
+    new_backing: str
+
+
+@attrs.frozen
+class Remove:
+    path: str
+
+
+Step = Commit | Pull | Rebind | Remove
+
+
+@attrs.frozen
+class ImageGraph:
+    """Backing relations of every image qemusnap knows for one disk: image -> its backing."""
+
+    backing: Mapping[str, str | None]
+
+    def dependents(self, image: str) -> list[str]:
+        return sorted(child for child, parent in self.backing.items() if parent == image)
+
+
+def plan_merge_away(
+    graph: ImageGraph,
+    frozen: str,
+    *,
+    owned: Collection[str],
+    holds_internal: Collection[str],
+) -> list[Step]:
+    """Steps that remove ``frozen`` from every chain without changing any other image's data.
+
+    A file qemusnap did not create (the user's base image) is never removed: then nothing is to
+    be done, the image simply stays as the base of its chain.
+    """
+    if frozen not in owned:
+        return []
+    if frozen in holds_internal:
+        raise UnsupportedError(
+            f"{frozen} holds internal snapshots: delete those first (merging it away would"
+            " lose them)"
+        )
+    dependents = graph.dependents(frozen)
+    if not dependents:
+        return [Remove(frozen)]
+    if len(dependents) == 1:
+        (top,) = dependents
+        if top in holds_internal:
+            raise UnsupportedError(
+                f"{top} holds internal snapshots: delete those first (committing it would"
+                " lose them)"
+            )
+        steps: list[Step] = [Commit(top, frozen)]
+        steps += [Rebind(child, frozen) for child in graph.dependents(top)]
+        return [*steps, Remove(top)]
+    blocked = [d for d in dependents if d in holds_internal]
+    if blocked:
+        raise UnsupportedError(
+            f"{', '.join(blocked)} hold internal snapshots that read through {frozen}: delete"
+            " those first"
+        )
+    new_backing = graph.backing.get(frozen)
+    return [*(Pull(d, frozen, new_backing) for d in dependents), Remove(frozen)]
+
+
+def overlay_path(
+    active: str, base: str, snapshot: str, exists: Callable[[str], bool] = os.path.lexists
+) -> str:
+    """Default place of a new overlay: beside the disk's active image, named after the chain's
+    base image and the snapshot (``disk.s1.qcow2``), numbered if that name is taken."""
+    directory = os.path.dirname(active)
+    stem = os.path.basename(base).split(".")[0] or "disk"
+    candidate = os.path.join(directory, f"{stem}.{snapshot}.qcow2")
+    number = 1
+    while exists(candidate):
+        number += 1
+        candidate = os.path.join(directory, f"{stem}.{snapshot}.{number}.qcow2")
+    return candidate

@@ -1,0 +1,387 @@
+"""A pytest plugin: one QEMU VM per session, reset to a golden snapshot before each test.
+
+Registered through the ``pytest11`` entry point, so it is there once qemusnap is installed, and
+off unless used: it only adds options and fixtures, and nothing starts until a test requests a
+``qemusnap_*`` fixture.  (Without entry-point autoloading: ``-p qemusnap.pytest_plugin``.)
+
+What to boot, in the ini file (paths relative to it; ``$VARS`` and ``~`` are expanded)::
+
+    [pytest]
+    qemusnap_kernel = guest/vmlinuz         # -kernel (with qemusnap_initrd, qemusnap_append)
+    qemusnap_initrd = guest/initrd.img
+    qemusnap_disk = images/base.qcow2       # and/or a disk; QEMU writes to a qcow2 overlay
+    qemusnap_memory = 512                   # MiB (also --qemusnap-memory)
+    qemusnap_ready = serial:login:          # when the guest is ready (default: "agent")
+
+or, overriding all of that, a session fixture ``qemusnap_config`` returning a
+:class:`~qemusnap.MachineConfig` (its ``serial_log`` and ``qga_socket`` are filled in when None).
+
+Fixtures (``qemusnap_vm`` is a :class:`~qemusnap.harness.SyncVM`)::
+
+    qemusnap_vm       session   the running VM, booted once, guest ready
+    qemusnap_prepare  session   override it to set the guest up before the golden snapshot
+                                (request qemusnap_vm in it, or return a callable(vm))
+    qemusnap_golden   session   the golden snapshot (a Snapshot), taken once after prepare
+    qemusnap_fresh    function  the VM, reset to the golden snapshot before the test
+
+    def test_upgrade(qemusnap_fresh):
+        assert qemusnap_fresh.shell("apk upgrade").exitcode == 0   # undone for the next test
+
+The disks the plugin builds are qcow2 (a scratch disk, or an overlay on ``qemusnap_disk``), so
+the reset is an in-place ``snapshot-load`` of an internal checkpoint, the fastest there is.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shlex
+import shutil
+import tempfile
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import NoReturn
+
+import attrs
+import pytest
+
+from .errors import QemuSnapError
+from .harness import EXTERNAL_RESTART, IN_PLACE, ResetReport, SyncVM
+from .machine import Drive, MachineConfig, qemu_binary
+from .models import Snapshot
+from .qemu_img import QemuImg
+
+__all__ = [
+    "qemusnap_config",
+    "qemusnap_fresh",
+    "qemusnap_golden",
+    "qemusnap_prepare",
+    "qemusnap_run_dir",
+    "qemusnap_vm",
+]
+
+DEFAULT_APPEND = "console=ttyS0 quiet panic=-1"
+SCRATCH_SIZE = 16 * 1024 * 1024  # the scratch disk holds the golden RAM (vmstate) mostly
+_FIXTURES = frozenset({"qemusnap_vm", "qemusnap_golden", "qemusnap_fresh"})
+_DESCRIPTION = {
+    IN_PLACE: "in-place snapshot-load (internal checkpoint)",
+    EXTERNAL_RESTART: "restart from external checkpoint",
+}
+
+_announced = pytest.StashKey[bool]()
+_resets = pytest.StashKey[list[ResetReport]]()
+
+Prepare = Callable[[SyncVM], object]
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    group = parser.getgroup("qemusnap", "qemusnap: a QEMU VM reset to a golden snapshot per test")
+    group.addoption(
+        "--qemusnap-qemu-arg",
+        action="append",
+        default=[],
+        dest="qemusnap_qemu_args",
+        metavar="ARGS",
+        help="extra qemu-system arguments, split like a shell does (repeatable)",
+    )
+    group.addoption(
+        "--qemusnap-accel",
+        choices=("auto", "kvm", "tcg"),
+        dest="qemusnap_accel",
+        help="accelerator (default: ini qemusnap_accel, else auto: kvm where it works, else tcg)",
+    )
+    group.addoption(
+        "--qemusnap-state",
+        dest="qemusnap_state",
+        metavar="DIR",
+        help="qemusnap state directory (default: a temporary directory per session)",
+    )
+    group.addoption(
+        "--qemusnap-memory",
+        type=int,
+        dest="qemusnap_memory",
+        metavar="MIB",
+        help="guest RAM in MiB (default: ini qemusnap_memory, else 256)",
+    )
+    parser.addini("qemusnap_kernel", "qemusnap: kernel to boot (-kernel)", default="")
+    parser.addini("qemusnap_initrd", "qemusnap: initrd (-initrd)", default="")
+    parser.addini("qemusnap_append", "qemusnap: kernel command line", default=DEFAULT_APPEND)
+    parser.addini(
+        "qemusnap_disk",
+        "qemusnap: disk image to boot (never written: the VM runs on a qcow2 overlay)",
+        default="",
+    )
+    parser.addini("qemusnap_memory", "qemusnap: guest RAM in MiB", default="256")
+    parser.addini("qemusnap_accel", "qemusnap: auto, kvm or tcg", default="auto")
+    parser.addini("qemusnap_qemu_args", "qemusnap: extra qemu-system arguments", type="args")
+    parser.addini(
+        "qemusnap_ready",
+        "qemusnap: when the booted guest is ready: agent (its guest agent answers), "
+        "serial:TEXT (its serial console printed TEXT) or none",
+        default="agent",
+    )
+    parser.addini("qemusnap_boot_timeout", "qemusnap: seconds to wait for ready", default="120")
+    parser.addini("qemusnap_snapshot", "qemusnap: name of the golden snapshot", default="golden")
+
+
+# --- report lines -------------------------------------------------------------------------------
+
+
+def _configured_by_ini(config: pytest.Config) -> bool:
+    return bool(config.getini("qemusnap_kernel") or config.getini("qemusnap_disk"))
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    if not _configured_by_ini(config):
+        return []
+    config.stash[_announced] = True
+    # The plugin's own disks are all qcow2: the reset is always in place.
+    return [f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]}"]
+
+
+def pytest_report_collectionfinish(
+    config: pytest.Config, start_path: Path, items: Sequence[pytest.Item]
+) -> list[str]:
+    if config.stash.get(_announced, False):
+        return []
+    if not any(_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
+        return []
+    config.stash[_announced] = True
+    # A qemusnap_config fixture: its disks decide, once the VM runs (see the summary).
+    return [
+        f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]} if every writable disk is qcow2,"
+        f" else by {_DESCRIPTION[EXTERNAL_RESTART]}"
+    ]
+
+
+def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
+    resets = terminalreporter.config.stash.get(_resets, [])
+    if not resets:
+        return
+    methods = sorted({r.method for r in resets})
+    seconds = [r.seconds for r in resets]
+    terminalreporter.write_line(
+        f"qemusnap: {len(resets)} per-test resets by"
+        f" {', '.join(_DESCRIPTION.get(m, m) for m in methods)}:"
+        f" mean {1000 * sum(seconds) / len(seconds):.0f} ms, max {1000 * max(seconds):.0f} ms"
+    )
+
+
+# --- configuration ------------------------------------------------------------------------------
+
+
+def _fail(message: str) -> NoReturn:
+    """Fail the fixture with just ``message`` (no traceback)."""
+    pytest.fail(f"qemusnap: {message}", pytrace=False)
+
+
+def _ini_path(config: pytest.Config, name: str) -> Path | None:
+    value = str(config.getini(name)).strip()
+    if not value:
+        return None
+    path = Path(os.path.expanduser(os.path.expandvars(value)))
+    base = config.inipath.parent if config.inipath else config.rootpath
+    path = base / path
+    if not path.exists():
+        hint = " (an environment variable is not set?)" if "$" in str(path) else ""
+        what = name.removeprefix("qemusnap_")
+        where = f" in {config.inipath}" if config.inipath else ""
+        _fail(f"{what} file {path} does not exist{hint} (ini option {name}{where})")
+    return path
+
+
+def _check_qemu(binary: str | None) -> None:
+    program = binary or qemu_binary()
+    if shutil.which(program) is None:
+        override = os.environ.get("QEMUSNAP_QEMU")
+        _fail(
+            f"{program} not found"
+            + (" (QEMUSNAP_QEMU is set)" if override and not binary else "")
+            + ": install QEMU (Debian/Ubuntu: apt-get install qemu-system-x86;"
+            " Fedora: dnf install qemu-system-x86-core), or set QEMUSNAP_QEMU"
+        )
+
+
+def _build_config(config: pytest.Config, run_dir: Path) -> MachineConfig:
+    """The VM the ini file and the command line describe (disks made in ``run_dir``)."""
+    kernel = _ini_path(config, "qemusnap_kernel")
+    initrd = _ini_path(config, "qemusnap_initrd")
+    disk = _ini_path(config, "qemusnap_disk")
+    if kernel is None and disk is None:
+        _fail(
+            "nothing to boot: set the ini option qemusnap_kernel (and qemusnap_initrd) or"
+            " qemusnap_disk, or define a session fixture qemusnap_config returning a"
+            " qemusnap.MachineConfig"
+        )
+    _check_qemu(None)
+    try:
+        memory = config.getoption("qemusnap_memory") or int(config.getini("qemusnap_memory"))
+    except ValueError:
+        _fail("ini option qemusnap_memory must be a number of MiB")
+    accel = config.getoption("qemusnap_accel") or str(config.getini("qemusnap_accel"))
+    extra = list(config.getini("qemusnap_qemu_args"))
+    for value in config.getoption("qemusnap_qemu_args"):
+        extra += shlex.split(value)
+    drive = run_dir / "vda.qcow2"
+    try:
+        asyncio.run(_make_disk(drive, disk))
+    except QemuSnapError as exc:
+        _fail(f"cannot create {drive}: {exc}")
+    return MachineConfig(
+        drives=(Drive(str(drive), "vda"),),
+        memory_mib=memory,
+        accel=accel,
+        kernel=str(kernel) if kernel else None,
+        initrd=str(initrd) if initrd else None,
+        append=(str(config.getini("qemusnap_append")) or None) if kernel else None,
+        extra_args=tuple(extra),
+    )
+
+
+async def _make_disk(path: Path, base: Path | None) -> None:
+    """A qcow2 overlay on ``base`` (so the base is never written), or an empty scratch disk:
+    either way qcow2, which an internal checkpoint needs (the RAM goes into it)."""
+    qemu_img = QemuImg()
+    if base is None:
+        await qemu_img.create(path, size=SCRATCH_SIZE)
+        return
+    (info,) = await qemu_img.info(base, backing_chain=False)
+    await qemu_img.create(path, backing=str(base.absolute()), backing_fmt=info.format)
+
+
+def _with_plumbing(config: MachineConfig, run_dir: Path) -> MachineConfig:
+    """``config`` with a serial log and a guest agent socket where it has none."""
+    return attrs.evolve(
+        config,
+        serial_log=config.serial_log or str(run_dir / "serial.log"),
+        qga_socket=config.qga_socket or str(run_dir / "qga.sock"),
+    )
+
+
+def _check_files(config: MachineConfig) -> None:
+    for what, path in [("kernel", config.kernel), ("initrd", config.initrd)] + [
+        (f"disk {d.id}", d.file) for d in config.drives
+    ]:
+        if path and not Path(path).exists():
+            _fail(f"{what} file {path} does not exist (from the qemusnap_config fixture)")
+
+
+def _serial_tail(config: MachineConfig, lines: int = 15) -> str:
+    try:
+        text = Path(config.serial_log or "").read_text(errors="replace")
+    except OSError:
+        return ""
+    tail = "\n".join(text.splitlines()[-lines:])
+    return f"\nserial console ({config.serial_log}), last lines:\n{tail}" if tail else ""
+
+
+def _wait_ready(vm: SyncVM, config: MachineConfig, ready: str, timeout: float) -> None:
+    if ready == "none":
+        return
+    if ready == "agent":
+        try:
+            vm.wait_for_agent(timeout=timeout)
+        except QemuSnapError as exc:
+            _fail(
+                f"the guest agent did not answer ({exc}); is qemu-guest-agent running in the"
+                " guest? (or set the ini option qemusnap_ready)" + _serial_tail(config)
+            )
+        return
+    if not ready.startswith("serial:"):
+        _fail(f"ini option qemusnap_ready: {ready!r} is not agent, none or serial:TEXT")
+    needle = ready.removeprefix("serial:").encode()
+    deadline = time.monotonic() + timeout
+    path = Path(config.serial_log or "")
+    while not (path.exists() and needle in path.read_bytes()):
+        if time.monotonic() > deadline:
+            _fail(
+                f"the guest did not print {needle.decode()!r} within {timeout:g} s"
+                + _serial_tail(config)
+            )
+        time.sleep(0.1)
+
+
+# --- fixtures -----------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def qemusnap_run_dir() -> Iterator[Path]:
+    """A short directory under /tmp for the session's disks, sockets and serial log (UNIX socket
+    paths must stay below 108 bytes); removed at the end of the session."""
+    path = Path(tempfile.mkdtemp(prefix="qemusnap-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def qemusnap_config(pytestconfig: pytest.Config, qemusnap_run_dir: Path) -> MachineConfig:
+    """The VM to launch, from the ini file and the command line.  Override it (session scope)
+    to describe the VM yourself."""
+    return _build_config(pytestconfig, qemusnap_run_dir)
+
+
+@pytest.fixture(scope="session")
+def qemusnap_vm(
+    pytestconfig: pytest.Config,
+    qemusnap_config: MachineConfig,
+    qemusnap_run_dir: Path,
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[SyncVM]:
+    """The VM, launched once per session, its guest ready; shut down at the end."""
+    config = _with_plumbing(qemusnap_config, qemusnap_run_dir)
+    _check_qemu(config.binary)
+    _check_files(config)
+    state = pytestconfig.getoption("qemusnap_state") or tmp_path_factory.mktemp("qemusnap-state")
+    try:
+        timeout = float(pytestconfig.getini("qemusnap_boot_timeout"))
+    except ValueError:
+        _fail("ini option qemusnap_boot_timeout must be a number of seconds")
+    try:
+        vm = SyncVM.launch(config, state_dir=state)
+    except QemuSnapError as exc:
+        _fail(f"cannot launch the VM: {exc}")
+    try:
+        _wait_ready(vm, config, str(pytestconfig.getini("qemusnap_ready")), timeout)
+        yield vm
+    finally:
+        vm.close()
+
+
+@pytest.fixture(scope="session")
+def qemusnap_prepare() -> Prepare | None:
+    """Set the guest up before the golden snapshot: override this fixture and request
+    ``qemusnap_vm`` in it (or return a callable that gets the VM).  Default: nothing."""
+    return None
+
+
+@pytest.fixture(scope="session")
+def qemusnap_golden(
+    pytestconfig: pytest.Config, qemusnap_vm: SyncVM, qemusnap_prepare: Prepare | None
+) -> Snapshot:
+    """The golden snapshot, taken once after ``qemusnap_prepare`` (one of an earlier session
+    of the same name, in a reused state directory, is replaced)."""
+    if callable(qemusnap_prepare):
+        qemusnap_prepare(qemusnap_vm)
+    name = str(pytestconfig.getini("qemusnap_snapshot"))
+    try:
+        if any(s.name == name for s in qemusnap_vm.snapshots()):
+            qemusnap_vm.delete(name)
+        return qemusnap_vm.golden(name)
+    except QemuSnapError as exc:
+        _fail(f"cannot take the golden snapshot {name!r}: {exc}")
+
+
+@pytest.fixture
+def qemusnap_fresh(
+    pytestconfig: pytest.Config, qemusnap_vm: SyncVM, qemusnap_golden: Snapshot
+) -> SyncVM:
+    """The VM, reset to the golden snapshot before the test (``last_reset`` says how)."""
+    try:
+        report = qemusnap_vm.reset(qemusnap_golden.name)
+    except QemuSnapError as exc:
+        _fail(f"cannot reset to {qemusnap_golden.name!r}: {exc}")
+    pytestconfig.stash.setdefault(_resets, []).append(report)
+    return qemusnap_vm

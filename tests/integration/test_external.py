@@ -1,0 +1,221 @@
+"""External snapshots against real QEMU: overlays, branches, revert and delete anywhere in the
+tree, live and cold, on two disks, with byte patterns and ``qemu-img check`` after every step."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+from livevm import (
+    check_clean,
+    firmware_config,
+    flush_live,
+    make_disks,
+    read_cold,
+    read_live,
+    write_cold,
+    write_live,
+)
+
+from qemusnap import VM, DiskSnapshotKind, SnapshotKind, VMState
+from qemusnap.errors import TargetExistsError, UnsupportedError
+
+DISKS = ("vda", "vdb")
+P1, P2, P3, P4, PX = 0x11, 0x22, 0x33, 0x44, 0x5A
+
+
+async def check_all_images(vm: VM) -> None:
+    """Every image of every chain: qemu-img check clean (read-only; -U while QEMU runs)."""
+    if vm.monitor is not None:
+        await flush_live(vm.monitor)
+    for chain in await vm.chains():
+        for image in chain.images:
+            check_clean(image.filename, in_use=vm.live)
+
+
+class Live:
+    """Write/read patterns on a VM qemusnap launched (firmware only)."""
+
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    async def write(self, pattern: int) -> None:
+        assert self.vm.monitor is not None
+        for disk in DISKS:
+            await write_live(self.vm.monitor, disk, pattern)
+
+    async def expect(self, pattern: int) -> None:
+        assert self.vm.monitor is not None
+        for disk in DISKS:
+            assert await read_live(self.vm.monitor, disk, pattern), f"{disk}: not {pattern:#x}"
+        await check_all_images(self.vm)
+
+    async def revert(self, name: str) -> None:
+        await self.vm.revert(name, force=True)
+
+
+class Cold:
+    def __init__(self, vm: VM) -> None:
+        self.vm = vm
+
+    async def write(self, pattern: int) -> None:
+        for disk in await self.vm.disks():
+            write_cold(disk.file, pattern)
+
+    async def expect(self, pattern: int) -> None:
+        for disk in await self.vm.disks():
+            assert read_cold(disk.file, pattern), f"{disk.name}: not {pattern:#x}"
+        await check_all_images(self.vm)
+
+    async def revert(self, name: str) -> None:
+        await self.vm.revert(name)
+
+
+async def branch_scenario(io: Live | Cold) -> None:
+    """s1, s2 on top, revert s1, write, s3: every snapshot reverts to its exact bytes; then
+    delete middle snapshots and every other one still does."""
+    vm = io.vm
+    await io.write(P1)
+    s1 = await vm.create("s1", disk_only=True)
+    assert s1.kind is SnapshotKind.EXTERNAL
+    assert [d.snapshot for d in s1.disks] == [DiskSnapshotKind.EXTERNAL] * 2
+    await check_all_images(vm)
+    await io.write(P2)
+    await vm.create("s2", disk_only=True)
+    await io.write(P4)
+    await io.revert("s1")
+    await io.expect(P1)
+    await io.write(P3)
+    s3 = await vm.create("s3", disk_only=True)
+    assert s3.parent == "s1" and vm.info("s2").parent == "s1"
+    await io.write(PX)
+    for name, pattern in (("s2", P2), ("s1", P1), ("s3", P3), ("s2", P2)):
+        await io.revert(name)
+        await io.expect(pattern)
+    # Overlays are the VM's own files: mode 0600.
+    for disk in await vm.disks():
+        assert os.stat(disk.file).st_mode & 0o777 == 0o600
+    # Delete the branch point: s2 and s3 (its children) keep their data.
+    assert await vm.delete("s1") == ["s1"]
+    assert vm.info("s2").parent is None and vm.info("s3").parent is None
+    for name, pattern in (("s3", P3), ("s2", P2)):
+        await io.revert(name)
+        await io.expect(pattern)
+    # Delete the snapshot in use (current, leaf of the running chain): s3 keeps its data.
+    await io.write(PX)
+    await vm.delete("s2")
+    await io.expect(PX)  # deleting never changes the running disk
+    await io.revert("s3")
+    await io.expect(P3)
+    assert [s.name for s in vm.snapshots()] == ["s3"]
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+def test_live_branches_and_deletes(short_tmp: Path) -> None:
+    images = make_disks(short_tmp, DISKS)
+
+    async def scenario() -> None:
+        async with await VM.launch(firmware_config(images), state_dir=short_tmp / "state") as vm:
+            await branch_scenario(Live(vm))
+            assert (await vm.run_state()) is VMState.RUNNING
+
+    asyncio.run(scenario())
+    # Nothing left behind but the VM's own images: base + the overlays still in use.
+    left = sorted(p.name for p in short_tmp.glob("*.qcow2"))
+    assert "vda.qcow2" in left and "vdb.qcow2" in left
+
+
+@pytest.mark.qemu_img
+def test_cold_branches_and_deletes(short_tmp: Path) -> None:
+    images = make_disks(short_tmp, DISKS)
+
+    async def scenario() -> None:
+        async with await VM.cold([str(p) for p in images], state_dir=short_tmp / "state") as vm:
+            await branch_scenario(Cold(vm))
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+def test_exclude_and_overlay_paths(short_tmp: Path) -> None:
+    images = make_disks(short_tmp, DISKS)
+    mine = short_tmp / "custom" / "vda-top.qcow2"
+    mine.parent.mkdir()
+    taken = short_tmp / "taken.qcow2"
+    taken.write_bytes(b"precious")
+
+    async def scenario() -> None:
+        async with await VM.launch(firmware_config(images), state_dir=short_tmp / "state") as vm:
+            with pytest.raises(TargetExistsError):
+                await vm.create("bad", disk_only=True, overlays={"vda": str(taken)})
+            assert taken.read_bytes() == b"precious"
+            assert vm.snapshots() == []
+            snap = await vm.create(
+                "e1", disk_only=True, exclude=["vdb"], overlays={"vda": str(mine)}
+            )
+            assert [(d.name, d.snapshot) for d in snap.disks] == [
+                ("vda", DiskSnapshotKind.EXTERNAL),
+                ("vdb", DiskSnapshotKind.EXCLUDED),
+            ]
+            disks = {d.name: d.file for d in await vm.disks()}
+            assert disks == {"vda": str(mine), "vdb": str(images[1])}
+            assert mine.stat().st_mode & 0o777 == 0o600
+            await check_all_images(vm)
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.qemu_img
+def test_reuse_external_needs_matching_backing(short_tmp: Path) -> None:
+    (image,) = make_disks(short_tmp, ["vda"])
+    ready = short_tmp / "ready.qcow2"
+    wrong = short_tmp / "wrong.qcow2"
+    os.system(f"qemu-img create -q -f qcow2 -b {image} -F qcow2 {ready}")
+    os.system(f"qemu-img create -q -f qcow2 {wrong} 64M")
+
+    async def scenario() -> None:
+        async with await VM.cold([str(image)], state_dir=short_tmp / "state") as vm:
+            with pytest.raises(UnsupportedError, match="backing file"):
+                await vm.create("r0", disk_only=True, overlays={"vda": str(wrong)},
+                                reuse_external=True)  # fmt: skip
+            await vm.create("r1", disk_only=True, overlays={"vda": str(ready)},
+                            reuse_external=True)  # fmt: skip
+            assert [d.file for d in await vm.disks()] == [str(ready)]
+            write_cold(ready, P2)
+            await vm.revert("r1")
+            assert read_cold((await vm.disks())[0].file, 0)  # zeroes: the state at r1
+            # A reused overlay is not qemusnap's: deleting never unlinks it.
+            await vm.delete("r1")
+        assert ready.exists()
+
+    asyncio.run(scenario())
+
+
+@pytest.mark.qemu_img
+def test_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
+    images = make_disks(short_tmp, DISKS)
+
+    async def scenario() -> None:
+        async with await VM.cold([str(p) for p in images], state_dir=short_tmp / "state") as vm:
+            io = Cold(vm)
+            await io.write(P1)
+            await vm.create("s1")  # internal, inside the base images
+            await io.write(P2)
+            await vm.create("s2", disk_only=True)  # external: the base images are frozen
+            await io.write(P3)
+            await vm.revert("s1")
+            await io.expect(P1)
+            await vm.revert("s2")
+            await io.expect(P2)
+            await vm.revert("s1")
+            await io.expect(P1)
+
+    asyncio.run(scenario())
+
+
+Action = Callable[[], Awaitable[object]]
