@@ -8,6 +8,7 @@ snapshot merges that image away without changing what any other image reads:
 * exactly one image depends on it: **commit** that dependent down into it (``block-commit``,
   an active commit with pivot when the dependent is the running disk; ``qemu-img commit``
   cold).  The frozen image then plays the dependent's role, and the dependent goes away.
+  This also applies to the user's own base image: the disk becomes one image again.
 * several depend on it: **pull** its data up into each (``block-stream`` / ``qemu-img rebase``
   onto its backing), then it goes away.
 * none: it just goes away.
@@ -77,11 +78,18 @@ def plan_merge_away(
     owned: Collection[str],
     holds_internal: Collection[str],
 ) -> list[Step]:
-    """Steps that remove ``frozen`` from every chain without changing any other image's data.
+    """Steps that take ``frozen`` out of every chain without changing any other image's data.
 
-    A file qemusnap did not create (the user's base image) is never removed: then nothing is to
-    be done, the image simply stays as the base of its chain.
+    A file qemusnap did not create (the user's base image) is never removed: a single
+    dependent is still committed into it (the disk is one image again, as after ``virsh
+    snapshot-delete``), otherwise it simply stays the base of its chains.
     """
+    dependents = graph.dependents(frozen)
+    if len(dependents) == 1 and dependents[0] in owned and dependents[0] not in holds_internal:
+        (top,) = dependents
+        # Commit keeps the internal snapshots of ``frozen`` (they own their clusters).
+        rebinds: list[Step] = [Rebind(child, frozen) for child in graph.dependents(top)]
+        return [Commit(top, frozen), *rebinds, Remove(top)]
     if frozen not in owned:
         return []
     if frozen in holds_internal:
@@ -89,19 +97,8 @@ def plan_merge_away(
             f"{frozen} holds internal snapshots: delete those first (merging it away would"
             " lose them)"
         )
-    dependents = graph.dependents(frozen)
     if not dependents:
         return [Remove(frozen)]
-    if len(dependents) == 1:
-        (top,) = dependents
-        if top in holds_internal:
-            raise UnsupportedError(
-                f"{top} holds internal snapshots: delete those first (committing it would"
-                " lose them)"
-            )
-        steps: list[Step] = [Commit(top, frozen)]
-        steps += [Rebind(child, frozen) for child in graph.dependents(top)]
-        return [*steps, Remove(top)]
     blocked = [d for d in dependents if d in holds_internal]
     if blocked:
         raise UnsupportedError(

@@ -4,6 +4,7 @@ with ``-qmp unix:PATH,server=on,wait=off``, and images of stopped VMs."""
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -197,3 +198,78 @@ def test_cold_mode_refuses_image_in_use(
 ) -> None:
     done = run("--disk", chain3[0], "create", "s1", state=short_tmp / "state", expect=1)
     assert "in use" in done.stderr
+
+
+def _peer_pid(sock: Path) -> int:
+    import socket as socketlib
+    import struct
+
+    with socketlib.socket(socketlib.AF_UNIX) as s:
+        s.connect(str(sock))
+        creds = s.getsockopt(socketlib.SOL_SOCKET, socketlib.SO_PEERCRED, struct.calcsize("3i"))
+    return int(struct.unpack("3i", creds)[0])
+
+
+async def _with_monitor(sock: Path, action: object) -> object:
+    from qemusnap.monitor import Monitor
+
+    async with await Monitor.connect(str(sock)) as monitor:
+        return await action(monitor)  # type: ignore[operator]
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
+    """A QEMU someone else launched: an external revert restarts it from its own command line,
+    every argument kept but the disk, detached from qemusnap's output pipes."""
+    import asyncio
+
+    from livevm import read_live, write_live
+
+    (disk,) = make_disks(short_tmp, ["vda"])
+    sock, serial, state = short_tmp / "qmp.sock", short_tmp / "serial.log", short_tmp / "state"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
+         "-name", "foreign-vm", "-serial", f"file:{serial}",
+         "-drive", f"file={disk},if=none,id=drive0,format=qcow2",
+         "-device", "virtio-blk-pci,drive=drive0,id=vda",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    new_pid = None
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x61)))
+        created = run_json("--qmp", sock, "create", "e1", "--disk-only", state=state)
+        assert created["kind"] == "external"  # type: ignore[index]
+        assert created["disks"][0]["file"] == str(disk)  # type: ignore[index]
+        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x62)))
+        run("--qmp", sock, "revert", "e1", state=state, expect=2)  # needs --force
+        run("--qmp", sock, "revert", "e1", "--force", state=state)
+        assert proc.wait(timeout=30) == 0  # the old QEMU quit
+        new_pid = _peer_pid(sock)
+        argv = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")[:-1]
+        text = [a.decode() for a in argv]
+        assert text[text.index("-name") + 1] == "foreign-vm"
+        assert text[text.index("-serial") + 1] == f"file:{serial}"
+        assert text[text.index("-qmp") + 1] == f"unix:{sock},server=on,wait=off"
+        drive = text[text.index("-drive") + 1]
+        assert drive.startswith("file=") and str(disk) not in drive
+        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x61)))
+        status = asyncio.run(_with_monitor(sock, lambda m: m.query_status()))
+        assert status.running  # type: ignore[attr-defined]
+        (chain,) = run_json("--qmp", sock, "chain", state=state)  # type: ignore[misc]
+        assert chain["images"][0]["filename"] == drive.split(",")[0][len("file=") :]
+        assert chain["images"][-1]["filename"] == str(disk)
+        run_json("--qmp", sock, "delete", "e1", state=state)
+        (chain,) = run_json("--qmp", sock, "chain", state=state)  # type: ignore[misc]
+        assert [i["filename"] for i in chain["images"]] == [str(disk)]  # merged back into base
+        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x61)))
+    finally:
+        proc.kill()
+        proc.wait()
+        if new_pid:
+            os.kill(new_pid, 9)

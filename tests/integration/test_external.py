@@ -24,7 +24,7 @@ from qemusnap import VM, DiskSnapshotKind, SnapshotKind, VMState
 from qemusnap.errors import TargetExistsError, UnsupportedError
 
 DISKS = ("vda", "vdb")
-P1, P2, P3, P4, PX = 0x11, 0x22, 0x33, 0x44, 0x5A
+P0, P1, P2, P3, P4, PX = 0x01, 0x11, 0x22, 0x33, 0x44, 0x5A
 
 
 async def check_all_images(vm: VM) -> None:
@@ -75,12 +75,18 @@ class Cold:
 
 
 async def branch_scenario(io: Live | Cold) -> None:
-    """s1, s2 on top, revert s1, write, s3: every snapshot reverts to its exact bytes; then
-    delete middle snapshots and every other one still does."""
+    """s0, s1, s2 on top, revert s1, write, s3: every snapshot reverts to its exact bytes;
+    then delete middle snapshots and every other one still does.
+
+    Deleting s1 exercises the "pull" merge (its image backs two branches: s2's and s3's);
+    deleting s0 commits into the user's base; deleting the current snapshot commits the
+    running overlay down (an active commit, live)."""
     vm = io.vm
+    await io.write(P0)
+    await vm.create("s0", disk_only=True)
     await io.write(P1)
     s1 = await vm.create("s1", disk_only=True)
-    assert s1.kind is SnapshotKind.EXTERNAL
+    assert s1.kind is SnapshotKind.EXTERNAL and s1.parent == "s0"
     assert [d.snapshot for d in s1.disks] == [DiskSnapshotKind.EXTERNAL] * 2
     await check_all_images(vm)
     await io.write(P2)
@@ -92,15 +98,20 @@ async def branch_scenario(io: Live | Cold) -> None:
     s3 = await vm.create("s3", disk_only=True)
     assert s3.parent == "s1" and vm.info("s2").parent == "s1"
     await io.write(PX)
-    for name, pattern in (("s2", P2), ("s1", P1), ("s3", P3), ("s2", P2)):
+    for name, pattern in (("s2", P2), ("s1", P1), ("s0", P0), ("s3", P3), ("s2", P2)):
         await io.revert(name)
         await io.expect(pattern)
     # Overlays are the VM's own files: mode 0600.
     for disk in await vm.disks():
         assert os.stat(disk.file).st_mode & 0o777 == 0o600
-    # Delete the branch point: s2 and s3 (its children) keep their data.
+    # Delete the branch point: s2 and s3 (its children) keep their data, and so does s0.
     assert await vm.delete("s1") == ["s1"]
-    assert vm.info("s2").parent is None and vm.info("s3").parent is None
+    assert vm.info("s2").parent == "s0" and vm.info("s3").parent == "s0"
+    for name, pattern in (("s3", P3), ("s0", P0), ("s2", P2)):
+        await io.revert(name)
+        await io.expect(pattern)
+    # Delete the root: its data goes into the user's base, the others keep theirs.
+    await vm.delete("s0")
     for name, pattern in (("s3", P3), ("s2", P2)):
         await io.revert(name)
         await io.expect(pattern)
@@ -111,6 +122,13 @@ async def branch_scenario(io: Live | Cold) -> None:
     await io.revert("s3")
     await io.expect(P3)
     assert [s.name for s in vm.snapshots()] == ["s3"]
+    await vm.delete("s3")
+    await io.expect(P3)
+    # No snapshot left, and no file left behind: the directory holds exactly the images of
+    # the disks' chains (the user's bases included).
+    in_chains = {image.filename for chain in await vm.chains() for image in chain.images}
+    directory = Path((await vm.disks())[0].file).parent
+    assert {str(p) for p in directory.glob("*.qcow2")} == in_chains
 
 
 @pytest.mark.qemu_system
