@@ -735,12 +735,25 @@ class VM:
                     await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
                 if pausing and not halt:
                     await self._settle(VMState.RUNNING)
+                elif memory_path is not None and not halt:
+                    await self._repause_after_save()
             with self.store.atomic():
                 self.store.add_snapshot(self.record.id, snap)
                 self._adopt_disks(disks, {d.name: p for d, p in plan}, owned=made)
                 if memory_path is not None:
                     self.store.add_file(self.record.id, memory_path, owned=True, role="memory")
         return snap
+
+    async def _repause_after_save(self) -> None:
+        """After saving RAM of a VM the user had paused, QEMU 7.2 leaves it in "postmigrate"
+        with its images inactivated: no block job and no further migration work until a
+        ``cont``.  There is no way back to "paused" without running (blockdev-set-active is
+        QEMU 10), so: ``cont`` then ``stop`` at once; the snapshot is not affected, the guest
+        runs for a moment and ends paused, as the user left it."""
+        assert self.monitor is not None
+        if (await self.monitor.query_status()).status == "postmigrate":
+            await self.monitor.cont()
+            await self.monitor.stop()
 
     async def _overlay_for(
         self, disk: Disk, name: str, overlays: dict[str, str], reuse: bool

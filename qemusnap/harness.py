@@ -89,7 +89,7 @@ def reset_method(snapshot: Snapshot) -> str:
     return EXTERNAL_RESTART
 
 
-def supports_in_place(formats: list[str]) -> bool:
+def supports_in_place(formats: Sequence[str]) -> bool:
     """Whether disks of these formats (the writable ones) allow an internal checkpoint.
 
     ``snapshot-save`` needs a qcow2 image for every disk and one of them for the RAM.

@@ -130,7 +130,16 @@ class MachineConfig:
             argv += ["-initrd", self.initrd]
         if self.append:
             argv += ["-append", self.append]
-        argv += ["-serial", f"file:{self.serial_log}" if self.serial_log else "null"]
+        if self.serial_log:
+            # append=on: a restart (revert, restore) must not truncate the console log.
+            argv += [
+                "-chardev",
+                f"file,id=qs-serial,path={self.serial_log},append=on",
+                "-serial",
+                "chardev:qs-serial",
+            ]
+        else:
+            argv += ["-serial", "null"]
         for drive in self.drives:
             argv += drive.args()
         if self.qga_socket:

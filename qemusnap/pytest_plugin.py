@@ -2,19 +2,26 @@
 
 Registered through the ``pytest11`` entry point, so it is there once qemusnap is installed, and
 off unless used: it only adds options and fixtures, and nothing starts until a test requests a
-``qemusnap_*`` fixture.  (Without entry-point autoloading: ``-p qemusnap.pytest_plugin``.)
+``qemusnap_*`` fixture.  (With ``PYTEST_DISABLE_PLUGIN_AUTOLOAD`` set: ``-p qemusnap``.)
 
 What to boot, in the ini file (paths relative to it; ``$VARS`` and ``~`` are expanded)::
 
     [pytest]
-    qemusnap_kernel = guest/vmlinuz         # -kernel (with qemusnap_initrd, qemusnap_append)
+    qemusnap_kernel = guest/vmlinuz         # a kernel (-kernel), and/or a disk to boot:
     qemusnap_initrd = guest/initrd.img
-    qemusnap_disk = images/base.qcow2       # and/or a disk; QEMU writes to a qcow2 overlay
-    qemusnap_memory = 512                   # MiB (also --qemusnap-memory)
-    qemusnap_ready = serial:login:          # when the guest is ready (default: "agent")
+    qemusnap_append = console=ttyS0 quiet panic=-1          # (the default)
+    qemusnap_disk = images/base.img         # never written: QEMU writes to a qcow2 overlay
+    qemusnap_memory = 512                   # MiB, default 256      (--qemusnap-memory)
+    qemusnap_accel = auto                   # auto, kvm or tcg      (--qemusnap-accel)
+    qemusnap_qemu_args = -smp 2             # extra QEMU arguments  (--qemusnap-qemu-arg)
+    qemusnap_ready = serial:login:          # ready when the serial console printed "login:";
+                                            # default "agent": when the guest agent answers
+    qemusnap_boot_timeout = 120             # seconds, for ready
+    qemusnap_snapshot = golden              # the golden snapshot's name
 
 or, overriding all of that, a session fixture ``qemusnap_config`` returning a
-:class:`~qemusnap.MachineConfig` (its ``serial_log`` and ``qga_socket`` are filled in when None).
+:class:`~qemusnap.MachineConfig` (its ``serial_log`` and ``qga_socket`` are filled in when
+None).  ``--qemusnap-state DIR`` keeps qemusnap's state there (default: a temporary directory).
 
 Fixtures (``qemusnap_vm`` is a :class:`~qemusnap.harness.SyncVM`)::
 
@@ -23,12 +30,14 @@ Fixtures (``qemusnap_vm`` is a :class:`~qemusnap.harness.SyncVM`)::
                                 (request qemusnap_vm in it, or return a callable(vm))
     qemusnap_golden   session   the golden snapshot (a Snapshot), taken once after prepare
     qemusnap_fresh    function  the VM, reset to the golden snapshot before the test
+    qemusnap_run_dir  session   a short directory for the session's disks, sockets, serial log
 
     def test_upgrade(qemusnap_fresh):
         assert qemusnap_fresh.shell("apk upgrade").exitcode == 0   # undone for the next test
 
 The disks the plugin builds are qcow2 (a scratch disk, or an overlay on ``qemusnap_disk``), so
-the reset is an in-place ``snapshot-load`` of an internal checkpoint, the fastest there is.
+the reset is an in-place ``snapshot-load`` of an internal checkpoint, the fastest there is; the
+report header says so, and the summary gives the reset count and latency.
 """
 
 from __future__ import annotations
@@ -132,27 +141,34 @@ def _configured_by_ini(config: pytest.Config) -> bool:
     return bool(config.getini("qemusnap_kernel") or config.getini("qemusnap_disk"))
 
 
+def _reset_line(config: pytest.Config) -> str:
+    if _configured_by_ini(config):
+        # The plugin's own disks are all qcow2 (scratch disk or overlay): always in place.
+        return f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]}"
+    # A qemusnap_config fixture: its disks decide, once the VM runs (see the summary line).
+    return (
+        f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]} if every writable disk is qcow2,"
+        f" else by {_DESCRIPTION[EXTERNAL_RESTART]}"
+    )
+
+
 def pytest_report_header(config: pytest.Config) -> list[str]:
     if not _configured_by_ini(config):
         return []
     config.stash[_announced] = True
-    # The plugin's own disks are all qcow2: the reset is always in place.
-    return [f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]}"]
+    return [_reset_line(config)]
 
 
 def pytest_report_collectionfinish(
     config: pytest.Config, start_path: Path, items: Sequence[pytest.Item]
 ) -> list[str]:
+    # Also reached with -q, which hides the header.
     if config.stash.get(_announced, False):
         return []
     if not any(_FIXTURES.intersection(getattr(item, "fixturenames", ())) for item in items):
         return []
     config.stash[_announced] = True
-    # A qemusnap_config fixture: its disks decide, once the VM runs (see the summary).
-    return [
-        f"qemusnap: per-test reset by {_DESCRIPTION[IN_PLACE]} if every writable disk is qcow2,"
-        f" else by {_DESCRIPTION[EXTERNAL_RESTART]}"
-    ]
+    return [_reset_line(config)]
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:

@@ -237,3 +237,33 @@ def test_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
 
 
 Action = Callable[[], Awaitable[object]]
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+def test_live_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
+    """Internal checkpoint s1, external s2 (freezing the images holding s1), revert s1: the
+    frozen images are cloned, never written, so s2 keeps its data."""
+    images = make_disks(short_tmp, DISKS)
+
+    async def scenario() -> None:
+        async with await VM.launch(firmware_config(images), state_dir=short_tmp / "state") as vm:
+            io = Live(vm)
+            await io.write(P1)
+            await vm.create("s1")  # internal checkpoint (RAM inside vda.qcow2)
+            await io.write(P2)
+            await vm.create("s2", disk_only=True)
+            await io.write(P3)
+            for name, pattern in (("s1", P1), ("s2", P2), ("s1", P1), ("s2", P2)):
+                await io.revert(name)
+                await io.expect(pattern)
+                assert (await vm.run_state()) is VMState.RUNNING
+            # The clones carry no stray copy of s1: its only home is the frozen base.
+            for chain in await vm.chains():
+                assert chain.active.snapshots == ()
+                assert [s.name for s in chain.base.snapshots] == ["s1"]
+            await vm.delete("s2")
+            await vm.revert("s1")
+            await io.expect(P1)
+
+    asyncio.run(scenario())

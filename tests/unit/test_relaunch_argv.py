@@ -49,8 +49,22 @@ def test_machine_argv_has_stable_names() -> None:
 
 
 def test_restart_argv_drops_monitors_on_inherited_fds() -> None:
-    argv = ["qemu", "-chardev", "socket,id=qs-qmp,fd=7", "-mon", "chardev=qs-qmp,mode=control",
-            "-qmp", "unix:/q.sock,server=on,wait=off", "-chardev", "socket,id=c1,path=/x"]
+    argv = [
+        "qemu",
+        "-chardev",
+        "socket,id=qs-qmp,fd=7",
+        "-mon",
+        "chardev=qs-qmp,mode=control",
+        "-qmp",
+        "unix:/q.sock,server=on,wait=off",
+        "-chardev",
+        "socket,id=c1,path=/x",
+    ]
     assert restart_argv(argv, incoming=False) == [
-        "qemu", "-qmp", "unix:/q.sock,server=on,wait=off", "-chardev", "socket,id=c1,path=/x", "-S"
+        "qemu",
+        "-qmp",
+        "unix:/q.sock,server=on,wait=off",
+        "-chardev",
+        "socket,id=c1,path=/x",
+        "-S",
     ]

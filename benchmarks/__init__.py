@@ -1,0 +1,1 @@
+"""Benchmarks of qemusnap against the booted test guest: run ``scripts/bench`` (see bench.py)."""

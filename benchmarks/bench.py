@@ -1,0 +1,255 @@
+"""``scripts/bench``: how long qemusnap's snapshots take, measured on the booted test guest.
+
+For each guest RAM size: boot the test guest (TCG here) with 4 qcow2 disks, fill at least 75 %
+of its RAM with non-zero data through the guest agent, then time every operation ``--repeat``
+times. Prints a Markdown table on stdout (progress on stderr) and writes everything as JSON.
+
+    scripts/bench --quick                  # 512 MiB only, 2 repetitions
+    scripts/bench --ram 512,1024,2048      # the default
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import shlex
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from qemusnap import VM, UnsupportedError
+from qemusnap.machine import choose_accel
+
+from . import measure
+from .guest import MIN_FILL_PERCENT, Log, Serial, fill_ram, guest_config, make_disks
+from .measure import Sample, Target
+from .report import GuestRun, Outcome, busy_now, machine_info, markdown
+
+DISKS = ("vda", "vdb", "vdc", "vdd")
+DEFAULT_RAM = (512, 1024, 2048)
+DEFAULT_REPEAT, QUICK_REPEAT = 3, 2
+
+
+def _ram_list(text: str) -> list[int]:
+    try:
+        sizes = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of MiB sizes: {text!r}") from None
+    if not sizes or min(sizes) < 256:
+        raise argparse.ArgumentTypeError("sizes are in MiB, at least 256 each")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"not a positive number: {text!r}")
+    return int(text)
+
+
+def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="scripts/bench", description=__doc__.split("\n")[0])
+    parser.add_argument(
+        "--ram",
+        type=_ram_list,
+        help="guest RAM sizes in MiB, comma-separated (default 512,1024,2048; --quick: 512)",
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="512 MiB only and fewer repetitions (a smoke run)"
+    )
+    parser.add_argument(
+        "--repeat",
+        type=_positive,
+        help=f"repetitions of each operation (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})",
+    )
+    parser.add_argument(
+        "--json",
+        type=Path,
+        default=Path("bench-results/bench.json"),
+        help="where the full results go (default bench-results/bench.json)",
+    )
+    parser.add_argument(
+        "--accel", default="auto", help="QEMU accelerator: auto (default), kvm or tcg"
+    )
+    parser.add_argument(
+        "--fill",
+        type=float,
+        default=80.0,
+        help=f"share of guest RAM to fill, in %% (default 80; at least {MIN_FILL_PERCENT:g})",
+    )
+    args = parser.parse_args(argv)
+    if args.fill < MIN_FILL_PERCENT or args.fill > 95:
+        parser.error(f"--fill must be between {MIN_FILL_PERCENT:g} and 95")
+    args.ram = args.ram or ([512] if args.quick else list(DEFAULT_RAM))
+    args.repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    return args
+
+
+def _describe(sample: Sample) -> str:
+    parts = [f"wall {sample.wall_ms:.0f} ms"]
+    if sample.pause_ms is not None:
+        parts.append(f"pause {sample.pause_ms:.1f} ms")
+    parts += [f"{key} {value}" for key, value in sample.extra.items()]
+    return ", ".join(parts)
+
+
+class Runner:
+    """Runs the operations on one guest, repeating each and recording its outcome."""
+
+    def __init__(self, target: Target, run: GuestRun, repeat: int, log: Log) -> None:
+        self.target, self.run, self.repeat, self.log = target, run, repeat, log
+
+    async def each(self, key: str, take: Callable[[int], Awaitable[Sample]]) -> Outcome:
+        outcome = self.run.outcomes[key] = Outcome()
+        for i in range(1, self.repeat + 1):
+            try:
+                sample = await take(i)
+            except UnsupportedError as exc:
+                outcome.status, outcome.note = "n/a", str(exc)
+                self.log(f"{key}: n/a: {exc}")
+                break
+            except Exception as exc:
+                # The engine is under construction: one failing operation must not lose the
+                # numbers of all the others.
+                outcome.status, outcome.note = "error", f"{type(exc).__name__}: {exc}"
+                self.log(f"{key} {i}/{self.repeat}: ERROR {outcome.note}")
+                break
+            outcome.samples.append(sample)
+            self.log(f"{key} {i}/{self.repeat}: {_describe(sample)}")
+        return outcome
+
+    async def revert_to(self, key: str, candidates: Sequence[tuple[str, Outcome]]) -> None:
+        """Time reverts to the first checkpoint that could be taken of ``candidates``."""
+        usable = [name for name, made in candidates if made.samples]
+        if usable:
+            await self.each(key, lambda _: measure.revert(self.target, usable[0]))
+            return
+        # Nothing to revert to: say why (n/a while checkpoints are not built yet).
+        first = candidates[0][1]
+        self.run.outcomes[key] = Outcome(first.status, f"no checkpoint to revert to: {first.note}")
+
+    def _disk_only(self, disks: int, *, internal: bool) -> Callable[[int], Awaitable[Sample]]:
+        prefix = "id" if internal else "xd"
+
+        def take(i: int) -> Awaitable[Sample]:
+            name = f"{prefix}{disks}-{i}"
+            return measure.disk_only(self.target, name, disks=disks, internal=internal)
+
+        return take
+
+    async def all(self, ram_mib: int) -> None:
+        t = self.target
+        checkpoint = await self.each(
+            "internal_checkpoint", lambda i: measure.internal_checkpoint(t, f"ic{i}")
+        )
+        await self.revert_to("revert_internal", [("ic1", checkpoint)])
+        for n in (1, 4):
+            await self.each(f"internal_disk_only_{n}", self._disk_only(n, internal=True))
+        await self.each("dd", lambda _: measure.dd_write(t.directory, ram_mib))
+        # External snapshots last: once built, they move the disks onto overlays (and a revert
+        # of an external checkpoint restarts QEMU).
+        for n in (1, 4):
+            await self.each(f"external_disk_only_{n}", self._disk_only(n, internal=False))
+        external = await self.each(
+            "external_checkpoint",
+            lambda i: measure.external_checkpoint(t, f"xc{i}", live=False),
+        )
+        live = await self.each(
+            "live_checkpoint", lambda i: measure.external_checkpoint(t, f"lc{i}", live=True)
+        )
+        await self.revert_to("revert_external", [("xc1", external), ("lc1", live)])
+
+
+async def bench_guest(ram_mib: int, args: argparse.Namespace, scratch: Path, log: Log) -> GuestRun:
+    run = GuestRun(ram_mib)
+    started = time.perf_counter()
+    directory = scratch / f"r{ram_mib}"
+    directory.mkdir()
+    vm: VM | None = None
+    try:
+        disks = await make_disks(directory, DISKS)
+        config = guest_config(directory, disks, memory_mib=ram_mib, accel=args.accel)
+        log(f"booting the test guest ({choose_accel(config.accel)}, {len(disks)} disks)")
+        vm = await VM.launch(config, state_dir=directory / "state", timeout=60.0)
+        async with vm:
+            serial = Serial(directory / "serial.log")
+            await serial.wait_ready()
+            log(f"guest ready after {time.perf_counter() - started:.1f} s ({busy_now()})")
+            assert config.qga_socket is not None
+            run.fill = await fill_ram(config.qga_socket, ram_mib, args.fill, log)
+            log(f"guest RAM {run.fill.percent} % filled in {run.fill.seconds} s")
+            target = Target(vm, serial, config.qga_socket, directory, DISKS)
+            await Runner(target, run, args.repeat, log).all(ram_mib)
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+        log(f"ERROR {run.error}")
+    finally:
+        if vm is not None and vm.machine is not None:
+            _remove_machine_log_dir(vm.machine.log_dir)
+        run.seconds = time.perf_counter() - started
+    return run
+
+
+def _remove_machine_log_dir(log_dir: Path) -> None:
+    """Machine (qemusnap.machine) keeps QEMU's log in a mkdtemp directory it never removes."""
+    if log_dir.parent == Path(tempfile.gettempdir()) and log_dir.name.startswith("qemusnap-"):
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def write_json(path: Path, document: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(document, indent=2) + "\n")
+
+
+async def main_async(args: argparse.Namespace, command: str) -> int:
+    started = time.perf_counter()
+    info = machine_info(args.accel)
+    document: dict[str, Any] = {
+        "command": command,
+        "started": datetime.now(UTC).isoformat(timespec="seconds"),
+        "repeat": args.repeat,
+        "fill_target_percent": args.fill,
+        "machine": info,
+        "runs": [],
+    }
+    runs: list[GuestRun] = []
+    # Short paths: UNIX socket names (the guest agent's) must stay below 108 bytes.
+    scratch = Path(tempfile.mkdtemp(prefix="qsb-", dir="/tmp"))
+    try:
+        for ram_mib in args.ram:
+
+            def log(message: str, ram_mib: int = ram_mib) -> None:
+                elapsed = time.perf_counter() - started
+                print(f"[{elapsed:6.1f}s] {ram_mib} MiB: {message}", file=sys.stderr, flush=True)
+
+            runs.append(await bench_guest(ram_mib, args, scratch, log))
+            # Write as we go: the numbers of a long run survive an interruption.
+            document["runs"] = [r.to_json() for r in runs]
+            write_json(args.json, document)
+            # Free the disk space (gigabytes of vmstate) before the next guest.
+            shutil.rmtree(scratch / f"r{ram_mib}", ignore_errors=True)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    seconds = time.perf_counter() - started
+    info["busy_at_end"] = busy_now()
+    document["seconds"] = round(seconds, 1)
+    write_json(args.json, document)
+    print(markdown(runs, info, command=command, repeat=args.repeat, seconds=seconds))
+    print(f"Full results: {args.json}", file=sys.stderr)
+    failed = any(r.error or any(o.status == "error" for o in r.outcomes.values()) for r in runs)
+    return 1 if failed else 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = parse_args(argv)
+    command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    return asyncio.run(main_async(args, command))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

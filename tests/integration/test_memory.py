@@ -1,0 +1,115 @@
+"""Memory state with the booted test guest: external checkpoints (stop-and-copy and live),
+memory-only save/restore.  The guest's counter lives only in RAM: after a revert it continues
+from the value it had at the snapshot."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from pathlib import Path
+
+import pytest
+from guest import Serial, guest_config
+from livevm import make_disks
+
+from qemusnap import VM, Consistency, MemoryKind, SnapshotKind, VMState
+from qemusnap.agent import GuestAgent
+from qemusnap.errors import TargetExistsError
+
+pytestmark = [pytest.mark.qemu_system, pytest.mark.guest]
+
+
+async def boot(tmp: Path, disks: list[Path]) -> tuple[VM, Serial]:
+    config = guest_config(tmp, disks)
+    vm = await VM.launch(config, state_dir=tmp / "state")
+    serial = Serial(config.serial_log or "")
+    await serial.wait_for(b"qemusnap-guest ready")
+    return vm, serial
+
+
+async def guest_sh(tmp: Path, script: str) -> str:
+    async with GuestAgent(str(tmp / "qga.sock"), timeout=30) as agent:
+        result = await agent.exec("/bin/sh", ["-c", script], timeout=30)
+    return result.stdout.decode()
+
+
+async def expect_resumed_at(vm: VM, serial: Serial, name: str, at_snapshot: int) -> None:
+    await serial.wait_counter_at_least(at_snapshot + 3)
+    serial.mark()
+    await vm.revert(name)
+    resumed = await serial.next_counter()
+    assert at_snapshot <= resumed <= at_snapshot + 1, (name, at_snapshot, resumed)
+    assert (await vm.run_state()) is VMState.RUNNING
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
+def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool) -> None:
+    disks = make_disks(short_tmp, ["vda"])
+    memory = short_tmp / "mem" / "c1.mem"
+    memory.parent.mkdir()
+
+    async def scenario() -> None:
+        vm, serial = await boot(short_tmp, disks)
+        async with vm:
+            await serial.wait_counter_at_least(2)
+            await guest_sh(short_tmp, "echo before > /tmp/marker; echo before > /mnt/vda/f; sync")
+            snap = await vm.create("c1", memory_file=str(memory), live=live)
+            at_snapshot = serial.last_counter()
+            # Written right after create returned: not part of the snapshot, RAM nor disk.
+            await guest_sh(short_tmp, "echo after > /tmp/marker; echo after > /mnt/vda/f; sync")
+            assert snap.kind is SnapshotKind.EXTERNAL and snap.memory is MemoryKind.FILE
+            assert snap.consistency is Consistency.FULL and snap.memory_file == str(memory)
+            assert memory.stat().st_mode & 0o777 == 0o600 and memory.stat().st_size > 0
+            assert (await vm.run_state()) is VMState.RUNNING
+            with pytest.raises(TargetExistsError):
+                await vm.create("c2", memory_file=str(memory))
+            for _ in range(2):  # twice: the snapshot survives being reverted to
+                await expect_resumed_at(vm, serial, "c1", at_snapshot)
+                assert await guest_sh(short_tmp, "cat /tmp/marker /mnt/vda/f") == "before\nbefore\n"
+            await vm.delete("c1")
+            assert not memory.exists()
+
+    asyncio.run(scenario())
+
+
+def test_checkpoint_of_user_paused_vm_stays_paused(short_tmp: Path) -> None:
+    disks = make_disks(short_tmp, ["vda"])
+
+    async def scenario() -> None:
+        vm, _serial = await boot(short_tmp, disks)
+        async with vm:
+            assert vm.monitor is not None
+            await vm.monitor.stop()
+            for name, live in (("p1", False), ("p2", True)):
+                snap = await vm.create(name, internal=False, live=live)
+                assert snap.vm_state is VMState.PAUSED
+                assert snap.memory_file is not None and os.path.exists(snap.memory_file)
+                assert (await vm.run_state()) is VMState.PAUSED
+            await vm.monitor.cont()
+            await vm.revert("p1")  # comes back paused, as taken
+            assert (await vm.run_state()) is VMState.PAUSED
+            await vm.revert("p1", running=True)
+            assert (await vm.run_state()) is VMState.RUNNING
+
+    asyncio.run(scenario())
+
+
+def test_save_and_restore_continue_the_counter(short_tmp: Path) -> None:
+    disks = make_disks(short_tmp, ["vda"])
+    saved = short_tmp / "saved.state"
+
+    async def scenario() -> None:
+        vm, serial = await boot(short_tmp, disks)
+        async with vm:
+            await serial.wait_counter_at_least(2)
+            await vm.save(str(saved))
+            at_save = serial.last_counter()
+            assert vm.monitor is None and saved.stat().st_mode & 0o777 == 0o600
+            serial.mark()
+            await vm.restore(str(saved))
+            resumed = await serial.next_counter()
+            assert at_save <= resumed <= at_save + 1
+            assert (await vm.run_state()) is VMState.RUNNING
+            assert "ok" in await guest_sh(short_tmp, "echo ok")
+
+    asyncio.run(scenario())
