@@ -6,8 +6,10 @@ import argparse
 import asyncio
 import json
 import logging
+import os
 import sys
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from . import __version__
@@ -122,7 +124,11 @@ def build_parser() -> argparse.ArgumentParser:
     check.add_argument("--repair", choices=("leaks", "all"))
     command("recover", "repair what an interrupted operation left behind")
     command("save", "memory-only save; the VM stops").add_argument("file")
-    command("restore", "start the VM again from a saved file").add_argument("file")
+    restore = command("restore", "start the VM again from a saved file")
+    restore.add_argument("file")
+    after = restore.add_mutually_exclusive_group()
+    after.add_argument("--running", action="store_true")
+    after.add_argument("--paused", action="store_true")
     return parser
 
 
@@ -218,6 +224,30 @@ async def _open(args: argparse.Namespace) -> VM:
     return await VM.cold([], state_dir=args.state)
 
 
+def _kind_text(snap: Snapshot) -> str:
+    memory = {"none": "disk-only", "internal": "checkpoint", "file": "checkpoint"}[str(snap.memory)]
+    return f"{snap.kind} {memory}, {snap.consistency}"
+
+
+def _progress_printer() -> Callable[[int, int], None]:
+    """Progress of a RAM write on the terminal (stderr), at most a few updates a second."""
+    last = [0.0]
+
+    def show(done: int, total: int) -> None:
+        now = time.monotonic()
+        if now - last[0] < 0.2:
+            return
+        last[0] = now
+        mib = 1024 * 1024
+        print(f"\rwriting memory: {done // mib} of ~{total // mib} MiB ", end="", file=sys.stderr)
+        _progress_shown.append(True)
+
+    return show
+
+
+_progress_shown: list[bool] = []
+
+
 def _parse_overlays(items: Sequence[str]) -> dict[str, str]:
     overlays: dict[str, str] = {}
     for item in items:
@@ -230,8 +260,7 @@ def _parse_overlays(items: Sequence[str]) -> dict[str, str]:
 
 async def _run(args: argparse.Namespace) -> Any:
     """Run one command; returns what to print: (json document, text)."""
-    if args.command in ("save", "restore"):
-        raise UnsupportedError(f"{args.command} is not built yet")
+    progress = _progress_printer() if sys.stderr.isatty() and not args.json else None
     async with await _open(args) as vm:
         match args.command:
             case "create":
@@ -247,8 +276,9 @@ async def _run(args: argparse.Namespace) -> Any:
                     exclude=args.exclude,
                     overlays=_parse_overlays(args.overlay),
                     reuse_external=args.reuse_external,
+                    progress=progress,
                 )
-                return snap.to_json(), f"Snapshot {snap.name} created"
+                return snap.to_json(), f"Snapshot {snap.name} created ({_kind_text(snap)})"
             case "list":
                 tree = vm.tree()
                 kind = (
@@ -294,14 +324,32 @@ async def _run(args: argparse.Namespace) -> Any:
             case "check":
                 results = await vm.check(args.repair)
                 return [r.to_json() for r in results], _check_text(results)
+            case "save":
+                await vm.save(args.file, progress=progress)
+                return {"saved": os.path.abspath(args.file)}, f"Saved to {args.file}; QEMU stopped"
+            case "restore":
+                await vm.restore(args.file, running=args.running, paused=args.paused)
+                state = await vm.run_state()
+                return {"restored": os.path.abspath(args.file), "vm_state": str(state)}, (
+                    f"Restored from {args.file} ({state})"
+                )
             case "recover":
                 await vm.recover()
                 return {"recovered": True}, "State directory and images are consistent"
     raise UnsupportedError(f"unknown command {args.command}")  # pragma: no cover
 
 
+async def _run_ending_progress(args: argparse.Namespace) -> Any:
+    try:
+        return await _run(args)
+    finally:
+        if _progress_shown:
+            print(file=sys.stderr)
+
+
 def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split()) or type(exc).__name__
+    text = " ".join([str(exc), *getattr(exc, "__notes__", [])])
+    return " ".join(text.split()) or type(exc).__name__
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -311,11 +359,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.verbose > 1
         else logging.INFO
         if args.verbose
-        else logging.WARNING,
+        else logging.ERROR,
         format="qemusnap: %(message)s",
     )
+    # qemu.qmp logs every failed connection at ERROR: only with -vv.
+    logging.getLogger("qemu.qmp").setLevel(logging.DEBUG if args.verbose > 1 else logging.CRITICAL)
     try:
-        document, text = asyncio.run(_run(args))
+        document, text = asyncio.run(_run_ending_progress(args))
     except QemuSnapError as exc:
         if args.verbose:
             log.exception("failed")

@@ -27,7 +27,7 @@ from typing import Any, Literal
 import attrs
 
 from . import agent as agent_mod
-from . import process
+from . import hostmem, process
 from .errors import (
     CommandError,
     DiskNotFoundError,
@@ -712,27 +712,17 @@ class VM:
                 if path in made:
                     await self.qemu_img.create(path, backing=disk.file, backing_fmt=disk.format)
             if self.monitor is not None:
-                # From here the VM may be paused by us: the journal says so first.
                 pausing = with_memory and vm_state is VMState.RUNNING
-                journal.update(paused_by_us=pausing)
-                if pausing:
-                    await self.monitor.stop()
-                async with self._quiesced(quiesce):
-                    await self._switch_to_overlays(plan)
-                if memory_path is not None:
-                    journal.update(memory_made=True)
-                    # background-snapshot restarts a guest we stopped by itself, right after
-                    # its setup; on a guest the user paused, a plain save is the same thing.
-                    await self.memory.save(
-                        self.monitor,
-                        memory_path,
-                        live=live and pausing,
-                        timeout=DEFAULT_TIMEOUT,
-                        progress=progress,
-                    )
-                    # "cont" right after "completed" can fail with "Migration is not
-                    # finalized yet": wait for the run state to leave finish-migrate.
-                    await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
+                async with self._overlay_nodes(plan) as nodes:
+                    if memory_path is None:
+                        async with self._quiesced(quiesce):
+                            await self._cut_to_overlays(plan, nodes)
+                    else:
+                        journal.update(memory_made=True)
+                        await self._checkpoint(
+                            plan, nodes, memory_path, pausing=pausing,
+                            live=live and pausing, progress=progress, journal=journal,
+                        )  # fmt: skip
                 if pausing and not halt:
                     await self._settle(VMState.RUNNING)
                 elif memory_path is not None and not halt:
@@ -779,18 +769,18 @@ class VM:
             )
         return path
 
-    async def _switch_to_overlays(self, plan: Sequence[tuple[Disk, str]]) -> None:
-        """``blockdev-add`` each overlay, then one ``transaction`` of ``blockdev-snapshot``.
-
-        blockdev-snapshot needs an overlay node without a backing ("backing": null) and
-        installs the current node under it; QEMU never touches an existing file here (unlike
-        blockdev-snapshot-sync, which would overwrite one).
-        """
+    @contextlib.asynccontextmanager
+    async def _overlay_nodes(self, plan: Sequence[tuple[Disk, str]]) -> AsyncIterator[list[str]]:
+        """``blockdev-add`` each overlay (before any pause: opening files takes time); on
+        failure, the nodes not yet installed are deleted again."""
         assert self.monitor is not None
         added: list[str] = []
         try:
             for _, path in plan:
                 node = f"qs-{secrets.token_hex(6)}"
+                # blockdev-snapshot wants an overlay without a backing ("backing": null): it
+                # installs the current node under it.  QEMU never touches an existing file
+                # here (unlike blockdev-snapshot-sync, which would overwrite one).
                 await self.monitor.execute(
                     "blockdev-add",
                     {
@@ -801,16 +791,60 @@ class VM:
                     },
                 )
                 added.append(node)
-            actions = [
-                {"type": "blockdev-snapshot", "data": {"node": disk.node_name, "overlay": node}}
-                for (disk, _), node in zip(plan, added, strict=True)
-            ]
-            await self.monitor.execute("transaction", {"actions": actions})
+            yield added
         except BaseException:
+            installed = {d.node_name for d in await self.disks()}
             for node in added:
-                with contextlib.suppress(OperationError):
-                    await asyncio.shield(self.monitor.execute("blockdev-del", {"node-name": node}))
+                if node not in installed:
+                    with contextlib.suppress(OperationError):
+                        await asyncio.shield(
+                            self.monitor.execute("blockdev-del", {"node-name": node})
+                        )
             raise
+
+    async def _cut_to_overlays(
+        self, plan: Sequence[tuple[Disk, str]], nodes: Sequence[str]
+    ) -> None:
+        """One ``transaction`` of ``blockdev-snapshot``: every disk cut at the same instant."""
+        assert self.monitor is not None
+        actions = [
+            {"type": "blockdev-snapshot", "data": {"node": disk.node_name, "overlay": node}}
+            for (disk, _), node in zip(plan, nodes, strict=True)
+        ]
+        await self.monitor.execute("transaction", {"actions": actions})
+
+    async def _checkpoint(
+        self,
+        plan: Sequence[tuple[Disk, str]],
+        nodes: Sequence[str],
+        memory_path: str,
+        *,
+        pausing: bool,
+        live: bool,
+        progress: Progress | None,
+        journal: _Journal,
+    ) -> None:
+        """Disks and RAM at one instant: ``stop``, the disk cut, ``migrate``.
+
+        Everything else (overlay nodes, the memory file and its fd, migration settings) was
+        prepared before the pause.  With ``live`` (background-snapshot) QEMU restarts the
+        guest by itself right after the migration setup: the pause does not depend on the
+        RAM size.  Without it, the guest stays stopped for the whole RAM write.
+        """
+        assert self.monitor is not None
+        if live:
+            pid = self.machine.pid if self.machine is not None else self.monitor.peer_pid()
+            if pid is not None:
+                await asyncio.to_thread(hostmem.collapse_guest_ram, pid)
+        async with self.memory.saving(self.monitor, memory_path, live=live) as saver:
+            if pausing:
+                journal.update(paused_by_us=True)  # before the pause: recovery resumes it
+                await self.monitor.stop()
+            await self._cut_to_overlays(plan, nodes)
+            await saver.run(timeout=DEFAULT_TIMEOUT, progress=progress)
+        # "cont" right after "completed" can fail with "Migration is not finalized yet":
+        # wait for the run state to leave finish-migrate.
+        await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
 
     async def _undo_overlays(self, overlays: Sequence[dict[str, Any]]) -> None:
         """Roll back an external create: a disk already switched to its new overlay is committed
@@ -1066,9 +1100,7 @@ class VM:
             )
 
             async def by_machine(incoming: bool) -> None:
-                self.machine = Machine(
-                    config, paused=True, incoming=incoming, log_dir=str(machine.log_dir)
-                )
+                self.machine = Machine(config, paused=True, incoming=incoming)
                 await self.machine.launch()
                 self.monitor = self.machine.monitor
 

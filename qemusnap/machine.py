@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -227,10 +228,16 @@ class Machine:
         except BaseException as exc:
             ours.close()
             await self._kill()
+            message = self._launch_failure(argv, exc)
+            self._remove_log_dir()
             if isinstance(exc, asyncio.CancelledError):
                 raise
-            raise LaunchError(self._launch_failure(argv, exc)) from exc
+            raise LaunchError(message) from exc
         return self
+
+    def _remove_log_dir(self) -> None:
+        if self._own_log_dir:
+            shutil.rmtree(self.log_dir, ignore_errors=True)
 
     def _launch_failure(self, argv: Sequence[str], exc: BaseException) -> str:
         tail = ""
@@ -252,6 +259,7 @@ class Machine:
         if self._monitor is not None:
             await self._monitor.close()
             self._monitor = None
+        self._remove_log_dir()
 
     async def _kill(self) -> None:
         assert self._process is not None

@@ -13,7 +13,7 @@ import contextlib
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 from .errors import MemoryFileError, OperationTimeout, TargetExistsError
@@ -33,6 +33,31 @@ POLL_INTERVAL = 0.02
 class FdTransport:
     """Migration to/from a regular file through ``getfd`` + ``fd:`` URIs."""
 
+    @contextlib.asynccontextmanager
+    async def saving(self, monitor: Monitor, path: str, *, live: bool) -> AsyncIterator[Saver]:
+        """Prepare a save into the new file ``path`` (everything that need not wait for the
+        guest's pause: the file, the fd hand-over, capabilities); the body then pauses the
+        guest and calls :meth:`Saver.run`.  On any failure (also cancellation) a migration
+        still running is cancelled and the partial file removed."""
+        fd = _create_private(path)
+        made = os.fstat(fd)
+        try:
+            # background-snapshot: QEMU write-protects guest RAM (userfaultfd) and copies a
+            # page out before the guest's first write to it, so the RAM written is the RAM at
+            # the moment migration starts while the guest keeps running.
+            await _set_capabilities(monitor, {"background-snapshot": live})
+            await monitor.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
+            await monitor.send_fd(fd, FD_NAME)
+            yield Saver(monitor, path, fd)
+        except BaseException:
+            await asyncio.shield(cancel_migration(monitor))
+            with contextlib.suppress(Exception):
+                await monitor.close_fd(FD_NAME)
+            _remove_if_same(path, made)
+            raise
+        finally:
+            os.close(fd)
+
     async def save(
         self,
         monitor: Monitor,
@@ -42,31 +67,9 @@ class FdTransport:
         timeout: float,
         progress: Progress | None = None,
     ) -> None:
-        """Write the VM's memory state into a new file ``path``.
-
-        ``live``: the ``background-snapshot`` capability, so the RAM written is the RAM at the
-        moment migration starts while the guest keeps running.  QEMU write-protects guest RAM
-        (userfaultfd) and copies a page out before the guest's first write to it.
-
-        On any failure (also cancellation) the migration is cancelled and the partial file is
-        removed.
-        """
-        fd = _create_private(path)
-        made = os.fstat(fd)
-        try:
-            await _set_capabilities(monitor, {"background-snapshot": live})
-            await monitor.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
-            await monitor.send_fd(fd, FD_NAME)
-            await monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-            await _wait_migration(monitor, f"writing {path}", timeout=timeout, progress=progress)
-            # QEMU has written everything through its own copy of the descriptor.
-            await asyncio.to_thread(os.fsync, fd)
-        except BaseException:
-            await asyncio.shield(cancel_migration(monitor))
-            _remove_if_same(path, made)
-            raise
-        finally:
-            os.close(fd)
+        """Prepare and run a save in one go (the guest's state is whatever it is now)."""
+        async with self.saving(monitor, path, live=live) as saver:
+            await saver.run(timeout=timeout, progress=progress)
 
     async def load(self, monitor: Monitor, path: str, *, timeout: float) -> None:
         """Load memory state from ``path`` into a QEMU started with ``-incoming defer``."""
@@ -80,6 +83,23 @@ class FdTransport:
             await _wait_migration(monitor, f"loading {path}", timeout=timeout, progress=None)
         finally:
             os.close(fd)
+
+
+class Saver:
+    """A prepared save: :meth:`run` starts the migration and waits for it."""
+
+    def __init__(self, monitor: Monitor, path: str, fd: int) -> None:
+        self._monitor = monitor
+        self._path = path
+        self._fd = fd
+
+    async def run(self, *, timeout: float, progress: Progress | None = None) -> None:
+        await self._monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
+        await _wait_migration(
+            self._monitor, f"writing {self._path}", timeout=timeout, progress=progress
+        )
+        # QEMU wrote everything through its own copy of the descriptor: make it durable.
+        await asyncio.to_thread(os.fsync, self._fd)
 
 
 def _create_private(path: str) -> int:
