@@ -47,6 +47,12 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--qga", metavar="SOCKET", default=default, help="qemu-guest-agent socket (for --quiesce)"
     )
     parser.add_argument(
+        "--allow-other-user",
+        action="store_true",
+        default=argparse.SUPPRESS if suppress else False,
+        help="drive a QEMU process owned by another user",
+    )
+    parser.add_argument(
         "--json",
         action="store_true",
         default=argparse.SUPPRESS if suppress else False,
@@ -207,7 +213,12 @@ def _check_text(results: Sequence[CheckResult]) -> str:
 
 async def _open(args: argparse.Namespace) -> VM:
     if args.qmp:
-        return await VM.attach(args.qmp, state_dir=args.state, qga_socket=args.qga)
+        return await VM.attach(
+            args.qmp,
+            state_dir=args.state,
+            qga_socket=args.qga,
+            allow_other_user=args.allow_other_user,
+        )
     if args.disk:
         return await VM.cold(args.disk, state_dir=args.state)
     # Neither: the one VM the state directory knows, live if its QMP socket still answers.

@@ -39,6 +39,7 @@ from .errors import (
     UnsupportedError,
     VMNotFoundError,
 )
+from .faults import crashpoint
 from .machine import (
     Machine,
     MachineConfig,
@@ -89,14 +90,20 @@ def _job_id(kind: str) -> str:
 class _Journal:
     """The journal entry of the operation in progress: grows before each irreversible step."""
 
-    def __init__(self, store: Store, entry_id: int, data: dict[str, Any]) -> None:
+    def __init__(self, store: Store, vm_id: int, operation: str, data: dict[str, Any]) -> None:
         self._store = store
-        self.id = entry_id
+        self.operation = operation
+        self.id = store.journal_begin(vm_id, operation, data)
         self.data = data
+        self.passed("journaled")
 
     def update(self, **data: Any) -> None:
         self.data.update(data)
         self._store.journal_update(self.id, **data)
+
+    def passed(self, step: str) -> None:
+        """A step is done (a crash point for the reliability tests)."""
+        crashpoint(self.operation, step)
 
 
 class VM:
@@ -138,14 +145,24 @@ class VM:
         state_dir: str | os.PathLike[str] | None = None,
         qga_socket: str | None = None,
         relaunch_hook: RelaunchHook | None = None,
+        allow_other_user: bool = False,
         timeout: float = 30.0,
     ) -> VM:
         """Open a running QEMU by its QMP socket path (or a connected Monitor).
 
         The command line of the process behind a socket path is recorded (SO_PEERCRED, then
-        ``/proc/PID/cmdline``) so a revert that must restart QEMU can do so.
+        ``/proc/PID/cmdline``) so a revert that must restart QEMU can do so.  A QEMU owned by
+        another user is refused unless ``allow_other_user``: qemusnap would create files and
+        restart processes on that user's behalf.
         """
         monitor = qmp if isinstance(qmp, Monitor) else await Monitor.connect(qmp, timeout=timeout)
+        owner = monitor.peer_uid()
+        if owner is not None and owner != os.getuid() and not allow_other_user:
+            await monitor.close()
+            raise UnsupportedError(
+                f"the QEMU behind {qmp} belongs to uid {owner}, not to you (uid {os.getuid()}):"
+                " refusing to drive it (--allow-other-user overrides)"
+            )
         store = Store(state_dir)
         try:
             disks = await asyncio.wait_for(monitor.disks(), timeout)
@@ -344,9 +361,7 @@ class VM:
         """Journal one operation.  If it fails, roll it back with the recovery code (shielded,
         with its own deadline) and only then drop the entry; a failed rollback keeps it for the
         next command."""
-        entry = _Journal(
-            self.store, self.store.journal_begin(self.record.id, operation, data), data
-        )
+        entry = _Journal(self.store, self.record.id, operation, data)
         try:
             yield entry
         except BaseException as exc:
@@ -414,12 +429,30 @@ class VM:
         if self.monitor is not None and data.get("started"):
             disks = await self.monitor.disks()
             if all(d.file == overlays.get(d.name, d.file) for d in disks):
+                await self._finish_start(data)
                 self._adopt_disks(disks, overlays, owned=overlays.values())
                 if data.get("name"):
                     self.store.set_current(self.record.id, data["name"])
                 return
         in_use = {d.file for d in await self.disks()} if self.monitor is not None else set()
         self._remove_created([p for p in overlays.values() if p not in in_use])
+
+    async def _finish_start(self, data: dict[str, Any]) -> None:
+        """A restarted QEMU the interrupted operation left waiting: load its memory state
+        (``-incoming defer``), or let a fresh boot begin (``-S``)."""
+        assert self.monitor is not None
+        status = (await self.monitor.query_status()).status
+        target = VMState.RUNNING
+        if status == "inmigrate":
+            name = data.get("name")
+            snap = self.tree().get(name) if name else None
+            memory = snap.memory_file if snap else data.get("file")
+            if memory is None:
+                raise OperationError("a restarted QEMU waits for memory state nobody knows")
+            await self.memory.load(self.monitor, memory, timeout=DEFAULT_TIMEOUT)
+            target = snap.vm_state if snap else VMState.RUNNING
+        if status in ("inmigrate", "prelaunch"):
+            await self._settle(target)
 
     def _remove_created(self, paths: Iterable[str | None]) -> None:
         """Unlink files this operation created, unless the store now relies on them."""
@@ -611,7 +644,7 @@ class VM:
             name=name,
             files=[d.file for d in chosen],
             paused_by_us=with_memory and vm_state is VMState.RUNNING,
-        ):
+        ) as journal:
             if self.monitor is None:
                 for disk in chosen:
                     await self.qemu_img.snapshot_create(disk.file, name)
@@ -632,6 +665,7 @@ class VM:
                 ]
                 async with self._quiesced(quiesce):
                     await self.monitor.execute("transaction", {"actions": actions})
+            journal.passed("taken")
             self.store.add_snapshot(self.record.id, snap)
         return snap
 
@@ -711,12 +745,15 @@ class VM:
             for disk, path in plan:
                 if path in made:
                     await self.qemu_img.create(path, backing=disk.file, backing_fmt=disk.format)
+            journal.passed("overlays-made")
             if self.monitor is not None:
                 pausing = with_memory and vm_state is VMState.RUNNING
                 async with self._overlay_nodes(plan) as nodes:
+                    journal.passed("nodes-added")
                     if memory_path is None:
                         async with self._quiesced(quiesce):
                             await self._cut_to_overlays(plan, nodes)
+                        journal.passed("cut")
                     else:
                         journal.update(memory_made=True)
                         await self._checkpoint(
@@ -840,8 +877,11 @@ class VM:
             if pausing:
                 journal.update(paused_by_us=True)  # before the pause: recovery resumes it
                 await self.monitor.stop()
+                journal.passed("paused")
             await self._cut_to_overlays(plan, nodes)
+            journal.passed("cut")
             await saver.run(timeout=DEFAULT_TIMEOUT, progress=progress)
+            journal.passed("memory-written")
         # "cont" right after "completed" can fail with "Migration is not finalized yet":
         # wait for the run state to leave finish-migrate.
         await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
@@ -971,10 +1011,12 @@ class VM:
             for disk, file in targets:
                 if disk.name in clones:
                     await self._clone(file, clones[disk.name], keep_tag=snap.name)
+            journal.passed("overlays-made")
             holders = [clones.get(disk.name, disk.file) for disk, _ in targets]
             if start is not None:
                 await self._stop_qemu()
                 journal.update(stopped=True)
+                journal.passed("stopped")
             if not in_place:
                 for holder in holders:
                     await self.qemu_img.snapshot_apply(holder, snap.name)
@@ -982,6 +1024,7 @@ class VM:
             if start is not None:
                 await start(False)
                 journal.update(started=True)
+                journal.passed("started")
             if in_place:
                 assert self.monitor is not None
                 # snapshot-load pauses the vCPUs while loading and restarts them only if they
@@ -994,6 +1037,7 @@ class VM:
                     job_id=_job_id("load"),
                     timeout=DEFAULT_TIMEOUT,
                 )  # fmt: skip
+                journal.passed("loaded")
                 await self._delete_internal_tags(snap.name, list(clones.values()))
             if self.monitor is not None:
                 await self._settle(requested or (snap.vm_state if in_place else VMState.RUNNING))
@@ -1039,12 +1083,15 @@ class VM:
                 await self.qemu_img.create(
                     overlays[disk.name], backing=file, backing_fmt=await self._format(file)
                 )
+            journal.passed("overlays-made")
             if start is not None:
                 if self.monitor is not None:
                     await self._stop_qemu()
                 journal.update(stopped=True)
+                journal.passed("stopped")
                 await start(with_memory)
                 journal.update(started=True)
+                journal.passed("started")
                 if with_memory:
                     assert self.monitor is not None and snap.memory_file is not None
                     await self.memory.load(self.monitor, snap.memory_file, timeout=DEFAULT_TIMEOUT)
@@ -1188,7 +1235,9 @@ class VM:
                 )
                 await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
                 journal.update(written=True, paused_by_us=False)
+                journal.passed("written")
                 await self._stop_qemu()
+                journal.passed("stopped")
                 with self.store.atomic():
                     self.store.set_saved(self.record.id, saved)
                     self.store.add_file(self.record.id, path, owned=False, role="save")
@@ -1212,8 +1261,10 @@ class VM:
             if saved.get("file") not in (None, path):
                 log.warning("%s is not this VM's last save (%s)", path, saved.get("file"))
             start = await self._prepare_restart({})
-            async with self._journal("restore", file=path):
+            async with self._journal("restore", file=path) as journal:
                 await start(True)
+                journal.update(started=True)
+                journal.passed("started")
                 assert self.monitor is not None
                 await self.memory.load(self.monitor, path, timeout=DEFAULT_TIMEOUT)
                 default = VMState(saved.get("vm_state", "running"))
@@ -1250,8 +1301,11 @@ class VM:
                 elif snap.kind is SnapshotKind.INTERNAL:
                     files = [d.file for d in snap.disks if d.file]
                     await self._refuse_frozen_tags(snap)
-                    async with self._journal("delete-internal", name=victim, files=files):
+                    async with self._journal(
+                        "delete-internal", name=victim, files=files
+                    ) as journal:
                         await self._delete_internal_tags(victim, files)
+                        journal.passed("tags-deleted")
                         self.store.remove_snapshots(self.record.id, [victim], {})
                 else:
                     await self._merge_plans(snap)  # refuses what cannot be done, before any step
@@ -1304,6 +1358,7 @@ class VM:
         for steps in await self._merge_plans(snap):
             for step in steps:
                 await self._run_step(step)
+                crashpoint("delete-external", "step-done")
         if snap.memory_file and self.store.is_owned(self.record.id, snap.memory_file):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(snap.memory_file)
