@@ -26,7 +26,7 @@ from typing import Any
 from qemusnap import VM, UnsupportedError
 from qemusnap.machine import choose_accel
 
-from . import measure
+from . import measure, reset
 from .guest import MIN_FILL_PERCENT, Log, Serial, fill_ram, guest_config, make_disks
 from .measure import Sample, Target
 from .report import GuestRun, Outcome, busy_now, machine_info, markdown
@@ -63,6 +63,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--quick", action="store_true", help="512 MiB only and fewer repetitions (a smoke run)"
     )
     parser.add_argument(
+        "--reset",
+        action="store_true",
+        help="the harness kit's per-test reset beside a fresh boot (256,512,1024 MiB)",
+    )
+    parser.add_argument(
         "--repeat",
         type=_positive,
         help=f"repetitions of each operation (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})",
@@ -70,8 +75,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--json",
         type=Path,
-        default=Path("bench-results/bench.json"),
-        help="where the full results go (default bench-results/bench.json)",
+        help="where the full results go (default bench-results/bench.json, reset.json)",
     )
     parser.add_argument(
         "--accel", default="auto", help="QEMU accelerator: auto (default), kvm or tcg"
@@ -85,8 +89,14 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.fill < MIN_FILL_PERCENT or args.fill > 95:
         parser.error(f"--fill must be between {MIN_FILL_PERCENT:g} and 95")
+    if args.reset:
+        args.ram = args.ram or ([512] if args.quick else list(reset.DEFAULT_RAM))
+        args.repeat = args.repeat or (QUICK_REPEAT if args.quick else 5)
+        args.json = args.json or Path("bench-results/reset.json")
+        return args
     args.ram = args.ram or ([512] if args.quick else list(DEFAULT_RAM))
     args.repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+    args.json = args.json or Path("bench-results/bench.json")
     return args
 
 
@@ -247,6 +257,8 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.reset:
+        return reset.run(args)
     command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     return asyncio.run(main_async(args, command))
 
