@@ -145,8 +145,8 @@ TIME_ROWS: tuple[tuple[str, str, str, bool], ...] = (
 THROUGHPUT_ROWS: tuple[tuple[str, str], ...] = (
     ("`dd bs=1M conv=fsync`, random data, RAM-sized", "dd"),
     ("internal checkpoint: vmstate size / wall", "internal_checkpoint"),
-    ("external checkpoint: memory file / wall", "external_checkpoint"),
-    ("live external checkpoint: memory file / wall", "live_checkpoint"),
+    ("external checkpoint: memory file / QEMU's migration time", "external_checkpoint"),
+    ("live external checkpoint: memory file / QEMU's migration time", "live_checkpoint"),
 )
 
 
