@@ -10,11 +10,11 @@ import os
 import sys
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 from . import __version__
 from .engine import VM
-from .errors import QemuSnapError, UnsupportedError
+from .errors import QemuSnapError, UnsupportedError, UsageError
 from .models import Chain, CheckResult, Snapshot, SnapshotKind
 from .store import Store
 
@@ -67,14 +67,21 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     )
 
 
+class _Parser(argparse.ArgumentParser):
+    """Usage errors in one line (exit 2), like every other error; --help still shows usage."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="qemusnap",
         description="Snapshots of QEMU/KVM virtual machines over QMP and qemu-img, no libvirt.",
     )
     parser.add_argument("--version", action="version", version=f"qemusnap {__version__}")
     _global_options(parser, suppress=False)
-    common = argparse.ArgumentParser(add_help=False)
+    common = _Parser(add_help=False)
     _global_options(common, suppress=True)
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
@@ -125,7 +132,9 @@ def build_parser() -> argparse.ArgumentParser:
     scope.add_argument("--children-only", action="store_true")
     delete.add_argument("--metadata-only", action="store_true")
 
-    command("chain", "show the backing chain of each disk").add_argument("disk", nargs="?")
+    chain = command("chain", "show the backing chain of each disk")
+    # dest: "disk" is the global --disk (cold mode) option.
+    chain.add_argument("disk_name", nargs="?", metavar="DISK")
     check = command("check", "qemu-img check of every image of every chain")
     check.add_argument("--repair", choices=("leaks", "all"))
     command("recover", "repair what an interrupted operation left behind")
@@ -212,6 +221,12 @@ def _check_text(results: Sequence[CheckResult]) -> str:
 
 
 async def _open(args: argparse.Namespace) -> VM:
+    if args.qmp and args.command == "restore" and not os.path.exists(args.qmp):
+        # After "save" QEMU and its socket are gone: the socket path still names the VM.
+        with Store(args.state) as store:
+            known = store.find_vm_by_socket(os.path.abspath(args.qmp))
+        if known is not None:
+            return await VM.cold([d.file for d in known.disks], state_dir=args.state)
     if args.qmp:
         return await VM.attach(
             args.qmp,
@@ -223,8 +238,7 @@ async def _open(args: argparse.Namespace) -> VM:
         return await VM.cold(args.disk, state_dir=args.state)
     # Neither: the one VM the state directory knows, live if its QMP socket still answers.
     with Store(args.state) as store:
-        known = store.vms()
-        socket_path = known[0].qmp_socket if len(known) == 1 else None
+        socket_path = store.sole_vm().qmp_socket
     if socket_path:
         try:
             return await VM.attach(
@@ -300,6 +314,11 @@ async def _run(args: argparse.Namespace) -> Any:
                     else None
                 )
                 snaps = tree.filtered(roots=args.roots, leaves=args.leaves, kind=kind)
+                if args.tree and (args.roots or args.leaves or kind is not None):
+                    raise UsageError(
+                        "--tree shows the whole tree: it does not combine with --roots,"
+                        " --leaves, --internal or --external"
+                    )
                 text = tree.render() if args.tree else _list_text(snaps)
                 return [s.to_json() for s in snaps], text or "no snapshots"
             case "info":
@@ -330,7 +349,7 @@ async def _run(args: argparse.Namespace) -> Any:
                 text = "Deleted " + ", ".join(removed) if removed else "Nothing to delete"
                 return {"deleted": removed}, text
             case "chain":
-                chains = await vm.chains(args.disk)
+                chains = await vm.chains(args.disk_name)
                 return [c.to_json() for c in chains], _chain_text(chains)
             case "check":
                 results = await vm.check(args.repair)

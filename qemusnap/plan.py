@@ -19,6 +19,7 @@ read different data, or vanish): such a plan is refused.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from collections.abc import Callable, Collection, Mapping
 
@@ -115,10 +116,22 @@ def overlay_path(
     """Default place of a new overlay: beside the disk's active image, named after the chain's
     base image and the snapshot (``disk.s1.qcow2``), numbered if that name is taken."""
     directory = os.path.dirname(active)
-    stem = os.path.basename(base).split(".")[0] or "disk"
-    candidate = os.path.join(directory, f"{stem}.{snapshot}.qcow2")
+    stem = file_part(os.path.basename(base).split(".")[0] or "disk", 64)
+    label = file_part(snapshot, 120)
+    candidate = os.path.join(directory, f"{stem}.{label}.qcow2")
     number = 1
     while exists(candidate):
         number += 1
-        candidate = os.path.join(directory, f"{stem}.{snapshot}.{number}.qcow2")
+        candidate = os.path.join(directory, f"{stem}.{label}.{number}.qcow2")
     return candidate
+
+
+def file_part(name: str, limit: int) -> str:
+    """``name`` as part of a file name: at most ``limit`` bytes (file names stop at 255
+    bytes, snapshot names at 200 characters of any width); a shortened one gets a hash so two
+    long names stay apart."""
+    if len(name.encode()) <= limit:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:10]
+    cut = name.encode()[: limit - 11].decode(errors="ignore")
+    return f"{cut}-{digest}"

@@ -25,7 +25,13 @@ from typing import Any
 
 import attrs
 
-from .errors import BusyError, SnapshotExistsError, SnapshotNotFoundError, StoreError
+from .errors import (
+    BusyError,
+    SnapshotExistsError,
+    SnapshotNotFoundError,
+    StoreError,
+    VMNotFoundError,
+)
 from .models import (
     Consistency,
     DiskSnapshot,
@@ -228,6 +234,26 @@ class Store:
         if len(ids) > 1:
             raise StoreError(f"images {files} belong to several VMs in {self.directory}: {ids}")
         return self.vm(ids[0]) if ids else None
+
+    def sole_vm(self) -> VMRecord:
+        """The VM meant when a command names none: the only one, or the only one with
+        snapshots (a disk merely looked at once does not count)."""
+        every = self.vms()
+        busy = [vm for vm in every if vm.saved or self.snapshots(vm.id)]
+        for candidates in (every, busy):
+            if len(candidates) == 1:
+                return candidates[0]
+        raise VMNotFoundError(
+            f"the state directory {self.directory} knows {len(every)} VMs:"
+            " name one with --qmp SOCKET or --disk PATH"
+        )
+
+    def find_vm_by_socket(self, qmp_socket: str) -> VMRecord | None:
+        """The VM last seen behind this QMP socket path (its QEMU may be gone since)."""
+        row = self._db.execute(
+            "SELECT id FROM vms WHERE qmp_socket=? ORDER BY id DESC", (qmp_socket,)
+        ).fetchone()
+        return self.vm(row[0]) if row else None
 
     def add_vm(self, name: str, disks: Iterable[DiskRecord], base_files: Iterable[str]) -> VMRecord:
         with self._tx() as db:

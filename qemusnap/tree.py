@@ -109,7 +109,8 @@ class SnapshotTree:
 
         def walk(snap: Snapshot, prefix: str, last: bool, top: bool) -> None:
             mark = " *" if snap.current else ""
-            label = f"{snap.name}{mark}  [{snap.kind}, {snap.memory} memory, {snap.consistency}]"
+            what = "checkpoint" if snap.is_checkpoint else "disk-only"
+            label = f"{snap.name}{mark}  [{snap.kind} {what}, {snap.consistency}]"
             lines.append(label if top else f"{prefix}{'└── ' if last else '├── '}{label}")
             kids = self.children(snap.name)
             inner = prefix if top else prefix + ("    " if last else "│   ")
