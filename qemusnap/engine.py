@@ -20,6 +20,7 @@ import itertools
 import logging
 import os
 import secrets
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,6 @@ from .errors import (
     SnapshotExistsError,
     TargetExistsError,
     UnsupportedError,
-    VMNotFoundError,
 )
 from .faults import crashpoint
 from .machine import (
@@ -61,10 +61,20 @@ from .models import (
     SnapshotKind,
     VMState,
 )
-from .monitor import Monitor
-from .plan import Commit, ImageGraph, Pull, Rebind, Remove, Step, overlay_path, plan_merge_away
+from .monitor import Monitor, QMPClient
+from .plan import (
+    Commit,
+    ImageGraph,
+    Pull,
+    Rebind,
+    Remove,
+    Step,
+    file_part,
+    overlay_path,
+    plan_merge_away,
+)
 from .qemu_img import QemuImg
-from .store import DiskRecord, Store, VMLock, VMRecord, utc_now
+from .store import DiskRecord, Store, VMLock, VMRecord, default_state_dir, utc_now
 from .tree import SnapshotTree, plan_delete, validate_name
 
 log = logging.getLogger("qemusnap.engine")
@@ -77,10 +87,24 @@ RelaunchHook = Callable[[dict[str, str], bool], Awaitable[Monitor]]
 Starter = Callable[[bool], Awaitable[None]]
 
 DEFAULT_TIMEOUT = 300.0
-LOCK_TIMEOUT = 30.0
+#: How long an operation waits for another one on the same VM ($QEMUSNAP_LOCK_TIMEOUT).
+LOCK_TIMEOUT = float(os.environ.get("QEMUSNAP_LOCK_TIMEOUT", "30"))
 QUIESCE_TIMEOUT = 10.0
 RECOVERY_TIMEOUT = 120.0
 _job_numbers = itertools.count(1)
+
+
+@contextlib.asynccontextmanager
+async def _deadline(seconds: float, what: str) -> AsyncIterator[None]:
+    """``asyncio.timeout`` whose expiry is an :class:`OperationTimeout` naming the operation
+    (the rollback of a journaled step still runs: it is shielded)."""
+    try:
+        async with asyncio.timeout(seconds):
+            yield
+    except TimeoutError as exc:
+        if isinstance(exc, OperationTimeout):
+            raise
+        raise OperationTimeout(f"{what} did not finish within {seconds:g} s") from exc
 
 
 def _job_id(kind: str) -> str:
@@ -90,11 +114,16 @@ def _job_id(kind: str) -> str:
 class _Journal:
     """The journal entry of the operation in progress: grows before each irreversible step."""
 
-    def __init__(self, store: Store, vm_id: int, operation: str, data: dict[str, Any]) -> None:
+    def __init__(
+        self, store: Store, vm_id: int, operation: str, data: dict[str, Any], *, id: int = 0
+    ) -> None:
         self._store = store
         self.operation = operation
-        self.id = store.journal_begin(vm_id, operation, data)
         self.data = data
+        if id:  # an entry an interrupted run left: recovery goes on updating it
+            self.id = id
+            return
+        self.id = store.journal_begin(vm_id, operation, data)
         self.passed("journaled")
 
     def update(self, **data: Any) -> None:
@@ -140,7 +169,7 @@ class VM:
     @classmethod
     async def attach(
         cls,
-        qmp: str | Monitor,
+        qmp: str | Monitor | QMPClient,
         *,
         state_dir: str | os.PathLike[str] | None = None,
         qga_socket: str | None = None,
@@ -148,14 +177,25 @@ class VM:
         allow_other_user: bool = False,
         timeout: float = 30.0,
     ) -> VM:
-        """Open a running QEMU by its QMP socket path (or a connected Monitor).
+        """Open a running QEMU by its QMP socket path, a connected :class:`Monitor`, or a
+        connected ``qemu.qmp.QMPClient`` the caller keeps using.
 
-        The command line of the process behind a socket path is recorded (SO_PEERCRED, then
-        ``/proc/PID/cmdline``) so a revert that must restart QEMU can do so.  A QEMU owned by
+        QEMU serves one QMP client at a time: while another qemusnap operation holds this VM,
+        connecting would just hang, so its lock is awaited first (``BusyError`` after
+        ``$QEMUSNAP_LOCK_TIMEOUT``).  The command line of the process behind a socket path is
+        recorded (SO_PEERCRED, then ``/proc/PID/cmdline``) so a revert that must restart QEMU
+        can do so.  A QEMU owned by
         another user is refused unless ``allow_other_user``: qemusnap would create files and
         restart processes on that user's behalf.
         """
-        monitor = qmp if isinstance(qmp, Monitor) else await Monitor.connect(qmp, timeout=timeout)
+        if isinstance(qmp, str):
+            qmp = os.path.abspath(qmp)
+            await _wait_until_free(state_dir, qmp)
+            monitor = await Monitor.connect(qmp, timeout=timeout)
+        elif isinstance(qmp, Monitor):
+            monitor = qmp
+        else:
+            monitor = Monitor.from_client(qmp)
         owner = monitor.peer_uid()
         if owner is not None and owner != os.getuid() and not allow_other_user:
             await monitor.close()
@@ -185,7 +225,7 @@ class VM:
             )
         except BaseException:
             store.close()
-            if not isinstance(qmp, Monitor):
+            if monitor is not qmp:
                 await monitor.close()
             raise
         return vm
@@ -253,6 +293,12 @@ class VM:
     @property
     def live(self) -> bool:
         return self.monitor is not None
+
+    @property
+    def _owner(self) -> tuple[int, int] | None:
+        """(uid, gid) of the user QEMU runs as, when not us: the files made for it are theirs."""
+        launch = self.store.vm(self.record.id).launch
+        return RecordedLaunch.from_json(launch).owner if launch and "argv" in launch else None
 
     # --- inspection ---------------------------------------------------------------------------
 
@@ -375,7 +421,7 @@ class VM:
 
     async def _rollback(self, operation: str, entry: _Journal) -> None:
         async with asyncio.timeout(RECOVERY_TIMEOUT):
-            await self._recover_entry(operation, entry.data)
+            await self._recover_entry(operation, entry.data, entry)
         self.store.journal_end(entry.id)
 
     async def _recover_pending(self) -> None:
@@ -383,76 +429,182 @@ class VM:
         for entry in self.store.journal(self.record.id):
             log.warning("repairing interrupted %s of %s", entry.operation, entry.data.get("name"))
             async with asyncio.timeout(RECOVERY_TIMEOUT):
-                await self._recover_entry(entry.operation, entry.data)
+                journal = _Journal(
+                    self.store, self.record.id, entry.operation, entry.data, id=entry.id
+                )
+                await self._recover_entry(entry.operation, entry.data, journal)
             self.store.journal_end(entry.id)
 
     async def recover(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Finish or roll back whatever an interrupted qemusnap left (also done by every
         operation before it starts)."""
-        async with asyncio.timeout(timeout), self._operation("recover"):
+        async with _deadline(timeout, "recover"), self._operation("recover"):
             pass
 
-    async def _recover_entry(self, operation: str, data: dict[str, Any]) -> None:
+    async def _recover_entry(
+        self, operation: str, data: dict[str, Any], journal: _Journal | None = None
+    ) -> None:
         """Bring VM, images and store back to a consistent state after ``operation`` stopped
         part-way: a snapshot is complete and listed, or absent with its files removed."""
         name = data.get("name", "")
         listed = self.store.has_snapshot(self.record.id, name)
         if self.monitor is not None:
-            await cancel_migration(self.monitor)
+            await self._stop_leftovers()
         match operation:
             case "create-internal" if not listed:
                 await self._delete_internal_tags(name, data["files"])
             case "delete-internal" if listed:
                 await self._delete_internal_tags(name, data["files"])
-                self.store.remove_snapshots(self.record.id, [name], {})
+                self.store.remove_snapshots(self.record.id, [name], data.get("reparent", {}))
+            case "create-external" if not listed and data.get("memory_written"):
+                await self._finish_checkpoint(data)
             case "create-external" if not listed:
                 await self._undo_overlays(data.get("overlays", []))
                 self._remove_created([data.get("memory_file")] if data.get("memory_made") else [])
             case "delete-external" if listed:
-                await self._delete_external(self.tree().get(name))
+                await self._delete_external(self.tree().get(name), journal)
+                self.store.remove_snapshots(self.record.id, [], data.get("reparent", {}))
             case "revert" | "restore":
-                await self._recover_restart(data)
+                await self._recover_restart(data, journal)
             case "save":
                 if data.get("written") and self.monitor is None:
-                    self.store.set_saved(self.record.id, data["saved"])
-                elif self.monitor is not None:
+                    with self.store.atomic():
+                        self.store.set_saved(self.record.id, data["saved"])
+                        self.store.add_file(self.record.id, data["file"], owned=False, role="save")
+                else:
+                    # QEMU still runs (the save did not finish: roll it back, and resume the
+                    # VM if it ran; once the state was written the journal no longer counts
+                    # it as paused by us), or QEMU died before the state was all written (a
+                    # partial file nobody may restore from).
                     self._remove_created([data["file"]] if data.get("made") else [])
+                    if (
+                        self.monitor is not None
+                        and data.get("written")
+                        and data["saved"]["vm_state"] == str(VMState.RUNNING)
+                    ):
+                        await self._settle(VMState.RUNNING)
         if data.get("paused_by_us") and self.monitor is not None:
             status = await self.monitor.query_status()
             if status.status in ("paused", "postmigrate"):
                 await self.monitor.cont()
 
-    async def _recover_restart(self, data: dict[str, Any]) -> None:
-        """A revert (or restore) that restarts QEMU: finished once QEMU runs on the new
-        overlays; otherwise the new overlays are removed and the old disks kept."""
+    async def _stop_leftovers(self) -> None:
+        """Stop what the interrupted process left running inside QEMU before repairing:
+        QEMU goes on with a migration or a job when its client dies.
+
+        Its migration is cancelled; one that completed left QEMU in "postmigrate", with its
+        images inactivated (no block job, no snapshot works on them): ``cont`` + ``stop``
+        makes them usable, the VM paused.  Its block jobs are cancelled (a commit or stream
+        cancelled half-way leaves every image reading the same data; the step is run again).
+        Its other jobs (``snapshot-save``/``-load``/``-delete``, not cancellable half-way) are
+        waited for, so that no snapshot tag appears after the repair, and dismissed."""
+        assert self.monitor is not None
+        await cancel_migration(self.monitor)
+        for job in await self.monitor.execute("query-block-jobs"):
+            if str(job.get("device", "")).startswith("qemusnap-"):
+                with contextlib.suppress(CommandError):
+                    await self.monitor.execute(
+                        "block-job-cancel", {"device": job["device"], "force": True}
+                    )
+        while True:
+            ours = [
+                job
+                for job in await self.monitor.execute("query-jobs")
+                if str(job.get("id", "")).startswith("qemusnap-")
+            ]
+            for job in ours:
+                if job.get("status") == "concluded":
+                    with contextlib.suppress(CommandError):
+                        await self.monitor.execute("job-dismiss", {"id": job["id"]})
+            if all(job.get("status") in ("concluded", "null") for job in ours):
+                break
+            await asyncio.sleep(0.05)
+        await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
+        await self._repause_after_save()
+
+    async def _recover_restart(self, data: dict[str, Any], journal: _Journal | None) -> None:
+        """A revert (or restore), which may have restarted QEMU.
+
+        * QEMU runs on the new overlays (restarted, or a revert in place that loaded its
+          snapshot): finish it (memory state, snapshot-load, run state), record the disks and
+          "current", remove the images the revert abandoned.
+        * The operation had stopped QEMU and none runs now: the old running state is lost
+          anyway, so the revert is finished: QEMU is started on the new overlays (roll
+          forward), then as above.
+        * Otherwise (QEMU still runs on the old disks, or a cold revert): the new overlays
+          are removed and the old disks kept.
+        """
         overlays: dict[str, str] = data.get("overlays", {})
-        if self.monitor is not None and data.get("started"):
+        if self.monitor is None and data.get("stopped"):
+            await self._reapply_internal(data)
+            start = await self._prepare_restart(overlays)
+            await start(bool(data.get("memory")))
+            if journal is not None:
+                journal.update(started=True)  # a recovery interrupted now finds it started
+            data["started"] = True
+        if self.monitor is not None and (data.get("started") or data.get("loading")):
             disks = await self.monitor.disks()
             if all(d.file == overlays.get(d.name, d.file) for d in disks):
                 await self._finish_start(data)
                 self._adopt_disks(disks, overlays, owned=overlays.values())
                 if data.get("name"):
                     self.store.set_current(self.record.id, data["name"])
+                self._discard_abandoned(data.get("old", []))
                 return
         in_use = {d.file for d in await self.disks()} if self.monitor is not None else set()
         self._remove_created([p for p in overlays.values() if p not in in_use])
 
+    async def _reapply_internal(self, data: dict[str, Any]) -> None:
+        """Redo the cold part of an internal revert that restarts QEMU: ``qemu-img snapshot
+        -a`` on each holder, then the tag removed from the clones.  A clone without the tag
+        was done already (the tag goes only after the apply); applying twice is harmless."""
+        if not data.get("apply"):
+            return
+        name = data["name"]
+        for holder in data.get("holders", []):
+            if os.path.exists(holder) and any(t.name == name for t in await self._tags(holder)):
+                await self.qemu_img.snapshot_apply(holder, name)
+        await self._delete_internal_tags(name, list(data.get("overlays", {}).values()))
+
     async def _finish_start(self, data: dict[str, Any]) -> None:
         """A restarted QEMU the interrupted operation left waiting: load its memory state
-        (``-incoming defer``), or let a fresh boot begin (``-S``)."""
+        (``-incoming defer``) or its internal checkpoint (``snapshot-load``, still to do if
+        not journaled as done), then settle the run state the operation wanted."""
         assert self.monitor is not None
         status = (await self.monitor.query_status()).status
-        target = VMState.RUNNING
+        name = data.get("name")
+        target = VMState(data["target"]) if data.get("target") else None
         if status == "inmigrate":
-            name = data.get("name")
             snap = self.tree().get(name) if name else None
             memory = snap.memory_file if snap else data.get("file")
             if memory is None:
                 raise OperationError("a restarted QEMU waits for memory state nobody knows")
             await self.memory.load(self.monitor, memory, timeout=DEFAULT_TIMEOUT)
-            target = snap.vm_state if snap else VMState.RUNNING
-        if status in ("inmigrate", "prelaunch"):
-            await self._settle(target)
+            target = target or (snap.vm_state if snap else VMState.RUNNING)
+        elif data.get("load") and not data.get("loaded"):
+            await self._load_internal(data["name"], data["holders"])
+            await self._delete_internal_tags(data["name"], list(data.get("overlays", {}).values()))
+        if target is not None or status in ("inmigrate", "prelaunch"):
+            await self._settle(target or VMState.RUNNING)
+
+    async def _finish_checkpoint(self, data: dict[str, Any]) -> None:
+        """An external checkpoint whose disks were cut and whose memory file was written (and
+        synced): the snapshot is complete, only the run state and the store's records are
+        missing.  Finish it: rolling back would throw a complete snapshot away, and would
+        have to block-commit the overlays of a QEMU whose images the migration inactivated."""
+        # QEMU was made usable again (see _stop_leftovers); a VM we paused is resumed at the end
+        # of the recovery, one the user had paused stays paused.
+        snap = _snapshot_from_json(data["snapshot"])
+        disks = [Disk(d["name"], d["file"], d["format"]) for d in data["disks"]]
+        overlays = data.get("overlays", [])
+        with self.store.atomic():
+            self.store.add_snapshot(self.record.id, snap)
+            self._adopt_disks(
+                disks,
+                {o["disk"]: o["path"] for o in overlays},
+                owned=[o["path"] for o in overlays if o.get("made")],
+            )
+            self.store.add_file(self.record.id, data["memory_file"], owned=True, role="memory")
 
     def _remove_created(self, paths: Iterable[str | None]) -> None:
         """Unlink files this operation created, unless the store now relies on them."""
@@ -503,7 +655,7 @@ class VM:
         self._check_create_flags(
             external, with_memory, internal, memory_file, live, quiesce, overlays, reuse_external
         )
-        async with asyncio.timeout(timeout), self._operation(f"create {name}"):
+        async with _deadline(timeout, f"create {name}"), self._operation(f"create {name}"):
             if self.store.has_snapshot(self.record.id, name):
                 raise SnapshotExistsError(f"a snapshot named {name!r} exists already")
             disks = await self.disks()
@@ -713,7 +865,8 @@ class VM:
         memory_path = None
         if with_memory:
             memory_path = os.path.abspath(
-                memory_file or str(self.store.memory_dir(self.record.id) / f"{name}.mem")
+                memory_file
+                or str(self.store.memory_dir(self.record.id) / f"{file_part(name, 200)}.mem")
             )
             if os.path.lexists(memory_path):
                 raise TargetExistsError(f"{memory_path} exists already (it is never overwritten)")
@@ -736,15 +889,21 @@ class VM:
             description=description,
         )
         made = [path for disk, path in plan if not (reuse and disk.name in overlays)]
+        # The snapshot's record and the disks go into the journal: once the memory file is
+        # written the snapshot is complete, and recovery records it instead of undoing it.
         async with self._journal(
             "create-external",
             name=name,
             overlays=[{"disk": d.name, "path": p, "made": p in made} for d, p in plan],
             memory_file=memory_path,
+            snapshot=snap.to_json(),
+            disks=[d.to_json() for d in disks],
         ) as journal:
             for disk, path in plan:
                 if path in made:
-                    await self.qemu_img.create(path, backing=disk.file, backing_fmt=disk.format)
+                    await self.qemu_img.create(
+                        path, backing=disk.file, backing_fmt=disk.format, owner=self._owner
+                    )
             journal.passed("overlays-made")
             if self.monitor is not None:
                 pausing = with_memory and vm_state is VMState.RUNNING
@@ -830,13 +989,16 @@ class VM:
                 added.append(node)
             yield added
         except BaseException:
-            installed = {d.node_name for d in await self.disks()}
-            for node in added:
-                if node not in installed:
-                    with contextlib.suppress(OperationError):
-                        await asyncio.shield(
-                            self.monitor.execute("blockdev-del", {"node-name": node})
-                        )
+            # Best effort (a dead QEMU must not mask the error that brought us here); what is
+            # left is the journal's to undo.
+            with contextlib.suppress(OperationError):
+                installed = {d.node_name for d in await self.disks()}
+                for node in added:
+                    if node not in installed:
+                        with contextlib.suppress(OperationError):
+                            await asyncio.shield(
+                                self.monitor.execute("blockdev-del", {"node-name": node})
+                            )
             raise
 
     async def _cut_to_overlays(
@@ -873,7 +1035,9 @@ class VM:
             pid = self.machine.pid if self.machine is not None else self.monitor.peer_pid()
             if pid is not None:
                 await asyncio.to_thread(hostmem.collapse_guest_ram, pid)
-        async with self.memory.saving(self.monitor, memory_path, live=live) as saver:
+        async with self.memory.saving(
+            self.monitor, memory_path, live=live, owner=self._owner
+        ) as saver:
             if pausing:
                 journal.update(paused_by_us=True)  # before the pause: recovery resumes it
                 await self.monitor.stop()
@@ -881,6 +1045,7 @@ class VM:
             await self._cut_to_overlays(plan, nodes)
             journal.passed("cut")
             await saver.run(timeout=DEFAULT_TIMEOUT, progress=progress)
+            journal.update(memory_written=True)
             journal.passed("memory-written")
         # "cont" right after "completed" can fail with "Migration is not finalized yet":
         # wait for the run state to leave finish-migrate.
@@ -910,6 +1075,17 @@ class VM:
                 if node.get("file") in paths and node.get("drv") == "qcow2":
                     with contextlib.suppress(OperationError):
                         await self.monitor.execute("blockdev-del", {"node-name": node["node-name"]})
+            # Attaching to this QEMU recorded the overlays as the disks' active images (the cut
+            # had happened): record the images the disks run on again now, or the overlays
+            # would count as needed and stay behind as orphans.
+            self._adopt_disks(await self.disks(), {})
+        else:
+            # No QEMU: it may have died after the cut, with guest writes in the overlays that
+            # its last users were told were done.  Commit them back (a no-op for an overlay
+            # nothing wrote to) rather than lose them with the files.
+            for overlay in overlays:
+                if overlay.get("made") and os.path.exists(overlay["path"]):
+                    await self.qemu_img.commit(overlay["path"], keep_top=True)
         self._remove_created([o["path"] for o in overlays if o.get("made")])
 
     def _adopt_disks(
@@ -961,7 +1137,7 @@ class VM:
         if running and paused:
             raise UnsupportedError("--running and --paused exclude each other")
         requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
-        async with asyncio.timeout(timeout), self._operation(f"revert {name}"):
+        async with _deadline(timeout, f"revert {name}"), self._operation(f"revert {name}"):
             snap = self.tree().get(name)
             if self.live and not snap.is_checkpoint and not force:
                 raise UnsupportedError(
@@ -1007,12 +1183,19 @@ class VM:
         if self.monitor is None:
             await self._refuse_in_use(disks, "use --qmp SOCKET to revert it live")
         old = [d.file for d in disks]
-        async with self._journal("revert", name=snap.name, overlays=clones) as journal:
+        holders = [clones.get(disk.name, disk.file) for disk, _ in targets]
+        target = requested or (snap.vm_state if in_place else VMState.RUNNING)
+        # Recovery finishes a revert whose QEMU is already gone (stopped) or restarted: it must
+        # know what is left to do (``qemu-img snapshot -a`` on the holders, or a snapshot-load
+        # in the new QEMU), the run state wanted, and the images the revert abandons.
+        async with self._journal(
+            "revert", name=snap.name, overlays=clones, old=old, target=str(target),
+            holders=holders, apply=not in_place, load=in_place,
+        ) as journal:  # fmt: skip
             for disk, file in targets:
                 if disk.name in clones:
                     await self._clone(file, clones[disk.name], keep_tag=snap.name)
             journal.passed("overlays-made")
-            holders = [clones.get(disk.name, disk.file) for disk, _ in targets]
             if start is not None:
                 await self._stop_qemu()
                 journal.update(stopped=True)
@@ -1026,29 +1209,38 @@ class VM:
                 journal.update(started=True)
                 journal.passed("started")
             if in_place:
-                assert self.monitor is not None
-                # snapshot-load pauses the vCPUs while loading and restarts them only if they
-                # were running: the final run state is settled below.
-                nodes = {d.file: d.node_name for d in await self.disks()}
-                await self.monitor.run_job(
-                    "snapshot-load",
-                    {"tag": snap.name, "vmstate": nodes[holders[0]],
-                     "devices": [nodes[h] for h in holders]},
-                    job_id=_job_id("load"),
-                    timeout=DEFAULT_TIMEOUT,
-                )  # fmt: skip
+                # QEMU finishes a snapshot-load job even if we die: recovery (which waits for
+                # it) must then treat the revert as done, and loads again to be sure.
+                journal.update(loading=True)
+                await self._load_internal(snap.name, holders)
+                journal.update(loaded=True)
                 journal.passed("loaded")
                 await self._delete_internal_tags(snap.name, list(clones.values()))
             if self.monitor is not None:
-                await self._settle(requested or (snap.vm_state if in_place else VMState.RUNNING))
+                await self._settle(target)
             if clones:
                 self._adopt_disks(disks, clones, owned=clones.values())
         self._discard_abandoned(old)
+
+    async def _load_internal(self, name: str, holders: Sequence[str]) -> None:
+        """``snapshot-load`` of internal checkpoint ``name`` from the images ``holders``."""
+        assert self.monitor is not None
+        # snapshot-load pauses the vCPUs while loading and restarts them only if they were
+        # running: the caller settles the final run state.
+        nodes = {d.file: d.node_name for d in await self.disks()}
+        await self.monitor.run_job(
+            "snapshot-load",
+            {"tag": name, "vmstate": nodes[holders[0]], "devices": [nodes[h] for h in holders]},
+            job_id=_job_id("load"),
+            timeout=DEFAULT_TIMEOUT,
+        )
 
     async def _clone(self, source: str, target: str, *, keep_tag: str) -> None:
         """A private copy of a frozen image (sparse, reflinked where the filesystem can), with
         only the internal snapshot ``keep_tag`` left in it."""
         fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        if self._owner is not None:
+            os.fchown(fd, *self._owner)
         os.close(fd)
         self.store.add_file(self.record.id, target, owned=True, role="overlay")
         await process.run(
@@ -1078,10 +1270,17 @@ class VM:
         else:
             await self._refuse_in_use(disks, "use --qmp SOCKET to revert it live")
         old = {d.name: d.file for d in disks}
-        async with self._journal("revert", name=snap.name, overlays=overlays) as journal:
+        target = requested or (snap.vm_state if with_memory else VMState.RUNNING)
+        async with self._journal(
+            "revert", name=snap.name, overlays=overlays, old=list(old.values()),
+            target=str(target), memory=with_memory,
+        ) as journal:  # fmt: skip
             for disk, file in targets:
                 await self.qemu_img.create(
-                    overlays[disk.name], backing=file, backing_fmt=await self._format(file)
+                    overlays[disk.name],
+                    backing=file,
+                    backing_fmt=await self._format(file),
+                    owner=self._owner,
                 )
             journal.passed("overlays-made")
             if start is not None:
@@ -1095,8 +1294,7 @@ class VM:
                 if with_memory:
                     assert self.monitor is not None and snap.memory_file is not None
                     await self.memory.load(self.monitor, snap.memory_file, timeout=DEFAULT_TIMEOUT)
-                default = snap.vm_state if with_memory else VMState.RUNNING
-                await self._settle(requested or default)
+                await self._settle(target)
             self._adopt_disks(disks, overlays, owned=overlays.values())
         self._discard_abandoned(old.values())
 
@@ -1129,7 +1327,14 @@ class VM:
         """How to start this VM again with disks moved to ``new_files`` (disk name -> image).
 
         Everything that can be refused is refused here, *before* anything is stopped.
+
+        A disk not in ``new_files`` restarts on the image it runs on now: the recorded command
+        line (or the machine's config) names the image QEMU was started with, which a later
+        external snapshot may have frozen under an overlay; starting on it would lose the
+        overlay's data and write into a snapshot's image.
         """
+        moved = dict(new_files)
+        new_files = {d.name: d.file for d in await self.disks()} | moved
         if self.relaunch_hook is not None:
             hook = self.relaunch_hook
 
@@ -1159,7 +1364,7 @@ class VM:
                 " --qmp SOCKET while it runs, or pass a relaunch hook)"
             )
         launch = RecordedLaunch.from_json(recorded)
-        launch = launch.with_disks(await self._argv_replacements(launch, new_files))
+        launch = launch.with_disks(await self._argv_replacements(launch, new_files, moved))
         log_file = self.store.memory_dir(self.record.id).parent / "qemu.log"
 
         async def by_command_line(incoming: bool) -> None:
@@ -1169,12 +1374,13 @@ class VM:
         return by_command_line
 
     async def _argv_replacements(
-        self, launch: RecordedLaunch, new_files: dict[str, str]
+        self, launch: RecordedLaunch, new_files: dict[str, str], moved: Iterable[str] = ()
     ) -> dict[str, str]:
-        """Which path of the recorded command line each moved disk's image is.
+        """Which path of the recorded command line each disk's new image replaces.
 
         The command line names an image of each disk's backing chain (the original base, if
-        external snapshots came later): exactly one, or qemusnap cannot tell what to replace.
+        external snapshots came later): exactly one, or qemusnap cannot tell what to replace
+        (an error for the disks in ``moved``; the others then keep their argument as is).
         """
         named = [p for p in image_paths_in_argv(launch.argv, launch.cwd) if os.path.exists(p)]
         replace: dict[str, str] = {}
@@ -1184,6 +1390,8 @@ class VM:
             chain = await self.qemu_img.chain(disk.name, disk.file, force_share=True)
             files = {image.filename for image in chain.images}
             hits = [p for p in named if p in files]
+            if len(hits) != 1 and disk.name not in moved:
+                continue
             if len(hits) != 1:
                 raise UnsupportedError(
                     f"cannot restart QEMU with disk {disk.name} moved: its command line names"
@@ -1216,7 +1424,7 @@ class VM:
         path = os.path.abspath(file)
         if os.path.lexists(path):
             raise TargetExistsError(f"{path} exists already (it is never overwritten)")
-        async with asyncio.timeout(timeout), self._operation(f"save {path}"):
+        async with _deadline(timeout, f"save {path}"), self._operation(f"save {path}"):
             await self._prepare_restart({})  # restore must be possible: refuse now if not
             vm_state = await self.run_state()
             disks = await self.disks()
@@ -1231,7 +1439,12 @@ class VM:
                 if vm_state is VMState.RUNNING:
                     await self.monitor.stop()
                 await self.memory.save(
-                    self.monitor, path, live=False, timeout=DEFAULT_TIMEOUT, progress=progress
+                    self.monitor,
+                    path,
+                    live=False,
+                    timeout=DEFAULT_TIMEOUT,
+                    progress=progress,
+                    owner=self._owner,
                 )
                 await self.monitor.wait_status_not("finish-migrate", timeout=30.0)
                 journal.update(written=True, paused_by_us=False)
@@ -1256,20 +1469,20 @@ class VM:
         path = os.path.abspath(file)
         if not os.path.exists(path):
             raise DiskNotFoundError(f"no such saved state: {file}")
-        async with asyncio.timeout(timeout), self._operation(f"restore {path}"):
+        async with _deadline(timeout, f"restore {path}"), self._operation(f"restore {path}"):
             saved = self.store.vm(self.record.id).saved or {}
             if saved.get("file") not in (None, path):
                 log.warning("%s is not this VM's last save (%s)", path, saved.get("file"))
             start = await self._prepare_restart({})
-            async with self._journal("restore", file=path) as journal:
+            default = VMState(saved.get("vm_state", "running"))
+            target = VMState.RUNNING if running else VMState.PAUSED if paused else default
+            async with self._journal("restore", file=path, target=str(target)) as journal:
                 await start(True)
                 journal.update(started=True)
                 journal.passed("started")
                 assert self.monitor is not None
                 await self.memory.load(self.monitor, path, timeout=DEFAULT_TIMEOUT)
-                default = VMState(saved.get("vm_state", "running"))
-                await self._settle(VMState.RUNNING if running else VMState.PAUSED if paused
-                                   else default)  # fmt: skip
+                await self._settle(target)
 
     # --- delete ---------------------------------------------------------------------------------
 
@@ -1290,7 +1503,7 @@ class VM:
         """
         if children and children_only:
             raise UnsupportedError("--children and --children-only exclude each other")
-        async with asyncio.timeout(timeout), self._operation(f"delete {name}"):
+        async with _deadline(timeout, f"delete {name}"), self._operation(f"delete {name}"):
             tree = self.tree()
             plan = plan_delete(tree, name, children=children, children_only=children_only,
                                metadata_only=metadata_only)  # fmt: skip
@@ -1301,16 +1514,20 @@ class VM:
                 elif snap.kind is SnapshotKind.INTERNAL:
                     files = [d.file for d in snap.disks if d.file]
                     await self._refuse_frozen_tags(snap)
+                    # The reparenting is journaled too: a recovery that finishes the delete
+                    # must not leave the children pointing at a snapshot that is gone.
                     async with self._journal(
-                        "delete-internal", name=victim, files=files
+                        "delete-internal", name=victim, files=files, reparent=plan.reparent
                     ) as journal:
                         await self._delete_internal_tags(victim, files)
                         journal.passed("tags-deleted")
                         self.store.remove_snapshots(self.record.id, [victim], {})
                 else:
                     await self._merge_plans(snap)  # refuses what cannot be done, before any step
-                    async with self._journal("delete-external", name=victim):
-                        await self._delete_external(snap)
+                    async with self._journal(
+                        "delete-external", name=victim, reparent=plan.reparent
+                    ) as journal:
+                        await self._delete_external(snap, journal)
             self.store.remove_snapshots(self.record.id, [], plan.reparent)
         return list(plan.remove)
 
@@ -1352,13 +1569,27 @@ class VM:
             if file not in nodes:
                 await self.qemu_img.snapshot_delete(file, name)
 
-    async def _delete_external(self, snap: Snapshot) -> None:
+    async def _delete_external(self, snap: Snapshot, journal: _Journal | None = None) -> None:
         """Merge each disk's frozen image away (see :mod:`qemusnap.plan`), remove the memory
-        file, forget the snapshot.  Idempotent: recovery runs it again after a crash."""
-        for steps in await self._merge_plans(snap):
-            for step in steps:
-                await self._run_step(step)
-                crashpoint("delete-external", "step-done")
+        file, forget the snapshot.  Recovery runs it again after a crash.
+
+        The steps and how many are done are journaled: a plan computed again after a commit
+        step would differ (the committed image still names its old backing file, the image
+        above it already names the new one) and could strand the committed image.
+        """
+        if journal is not None and "steps" in journal.data:
+            steps = [_step_from_json(s) for s in journal.data["steps"]]
+            done = int(journal.data.get("done", 0))
+        else:
+            steps = [step for plan in await self._merge_plans(snap) for step in plan]
+            done = 0
+            if journal is not None:
+                journal.update(steps=[_step_to_json(s) for s in steps], done=0)
+        for number, step in enumerate(steps[done:], start=done + 1):
+            await self._run_step(step)
+            if journal is not None:
+                journal.update(done=number)
+            crashpoint("delete-external", "step-done")
         if snap.memory_file and self.store.is_owned(self.record.id, snap.memory_file):
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(snap.memory_file)
@@ -1460,28 +1691,73 @@ class VM:
 # --- helpers ------------------------------------------------------------------------------------
 
 
+def _step_to_json(step: Step) -> dict[str, Any]:
+    return {"step": type(step).__name__, **attrs.asdict(step)}
+
+
+def _step_from_json(data: dict[str, Any]) -> Step:
+    kinds: dict[str, type[Step]] = {"Commit": Commit, "Pull": Pull, "Rebind": Rebind,
+                                    "Remove": Remove}  # fmt: skip
+    fields = {k: v for k, v in data.items() if k != "step"}
+    return kinds[data["step"]](**fields)
+
+
+def _snapshot_from_json(data: dict[str, Any]) -> Snapshot:
+    """A :class:`Snapshot` from its ``to_json`` form (as journaled)."""
+    return Snapshot(
+        name=data["name"],
+        parent=data["parent"],
+        kind=SnapshotKind(data["kind"]),
+        memory=MemoryKind(data["memory"]),
+        memory_file=data["memory_file"],
+        consistency=Consistency(data["consistency"]),
+        vm_state=VMState(data["vm_state"]),
+        created=data["created"],
+        description=data["description"],
+        disks=tuple(DiskSnapshot.from_json(d) for d in data["disks"]),
+    )
+
+
+async def _wait_until_free(state_dir: str | os.PathLike[str] | None, qmp_socket: str) -> None:
+    """Wait (up to LOCK_TIMEOUT) while another qemusnap operation holds the VM last seen
+    behind ``qmp_socket``; it also holds QEMU's only QMP connection."""
+    directory = Path(state_dir) if state_dir is not None else default_state_dir()
+    if not (directory / "qemusnap.db").exists():
+        return  # nothing known yet (and nothing to create before the QEMU is accepted)
+    with Store(directory) as store:
+        known = store.find_vm_by_socket(qmp_socket)
+        if known is None:
+            return
+        lock = VMLock(store.lock_path(known.id), "attach")
+    deadline = time.monotonic() + LOCK_TIMEOUT
+    while not lock.try_acquire():
+        if time.monotonic() > deadline:
+            raise lock.busy_error()
+        await asyncio.sleep(0.1)
+    lock.release()
+
+
 async def _cold_record(store: Store, paths: Sequence[str]) -> VMRecord:
     """The VM a cold command means: the one owning any of ``paths``, or a new one made of them,
-    or (no paths) the only VM the store knows."""
+    or (no paths) the one the store knows (:meth:`Store.sole_vm`)."""
     if not paths:
-        known = store.vms()
-        if len(known) != 1:
-            raise VMNotFoundError(
-                f"the state directory {store.directory} knows {len(known)} VMs:"
-                " name one with --qmp SOCKET or --disk PATH"
-            )
-        return known[0]
+        return store.sole_vm()
     absolute = [os.path.abspath(p) for p in paths]
     for path, given in zip(absolute, paths, strict=True):
         if not os.path.exists(path):
             raise DiskNotFoundError(f"no such disk image: {given}")
+        if not (os.path.isfile(path) or Path(path).is_block_device()):
+            raise DiskNotFoundError(f"not a disk image: {given} (a directory?)")
     found = store.find_vm(absolute)
     if found is not None:
         return found
     qemu_img = QemuImg()
     disks = []
-    for path in absolute:
+    for path, given in zip(absolute, paths, strict=True):
         (info,) = await qemu_img.info(path, backing_chain=False, force_share=True)
+        if info.format == "raw" and os.path.isfile(path) and os.path.getsize(path) % 512:
+            # qemu-img reads any file as raw: a size no disk has means it is not one.
+            raise DiskNotFoundError(f"not a disk image: {given} (not a multiple of 512 bytes)")
         disks.append(Disk(Path(path).stem, path, info.format))
     names = [d.name for d in disks]
     if len(set(names)) != len(names):
@@ -1497,10 +1773,6 @@ async def _find_or_add_vm(store: Store, disks: Sequence[Disk]) -> VMRecord:
     for disk in writable:
         chain = await qemu_img.chain(disk.name, disk.file, force_share=True)
         files.extend(image.filename for image in chain.images)
-    record = store.find_vm([d.file for d in writable]) or store.find_vm(files)
     records = [DiskRecord(d.name, d.file, d.format) for d in writable]
-    if record is None:
-        name = Path(writable[0].file).stem if writable else "vm"
-        return store.add_vm(name, records, files)
-    store.set_disks(record.id, records)
-    return store.vm(record.id)
+    name = Path(writable[0].file).stem if writable else "vm"
+    return store.find_or_add_vm(name, records, files)

@@ -290,12 +290,16 @@ def spawn(
     log_file: Path | None,
     pass_fds: Sequence[int] = (),
     cwd: str | None = None,
+    user: tuple[int, int, tuple[int, ...]] | None = None,
 ) -> subprocess.Popen[bytes]:
     """Start QEMU detached from our stdio and terminal (own session), output to ``log_file``.
 
     A caller capturing qemusnap's output must not hang on a QEMU that inherited the pipe; and a
-    Ctrl-C at the terminal must not reach QEMU.
+    Ctrl-C at the terminal must not reach QEMU.  ``user`` (uid, gid, groups): run as them.
     """
+    as_user: dict[str, Any] = {}
+    if user is not None:
+        as_user = {"user": user[0], "group": user[1], "extra_groups": list(user[2])}
     out = open(log_file, "ab") if log_file else subprocess.DEVNULL  # noqa: SIM115
     try:
         process = subprocess.Popen(
@@ -306,6 +310,7 @@ def spawn(
             pass_fds=tuple(pass_fds),
             start_new_session=True,
             cwd=cwd,
+            **as_user,
         )
     except OSError as exc:
         raise LaunchError(
@@ -351,32 +356,55 @@ def pid_alive(pid: int) -> bool:
 
 @attrs.frozen
 class RecordedLaunch:
-    """The command line (and working directory) of a QEMU process, to start it again."""
+    """The command line, working directory and user of a QEMU process, to start it again."""
 
     argv: tuple[str, ...]
     cwd: str
     qmp_socket: str
+    #: The QEMU's user and groups: a restart runs as them, never as whoever runs qemusnap.
+    uid: int | None = None
+    gid: int | None = None
+    groups: tuple[int, ...] = ()
 
     @classmethod
     def of_pid(cls, pid: int, qmp_socket: str) -> RecordedLaunch:
         try:
             raw = Path(f"/proc/{pid}/cmdline").read_bytes()
             cwd = os.readlink(f"/proc/{pid}/cwd")
+            status = Path(f"/proc/{pid}/status").read_text()
         except OSError as exc:
             raise UnsupportedError(
                 f"cannot read the command line of QEMU pid {pid}: {exc}"
             ) from exc
-        return cls(tuple(a.decode() for a in raw.split(b"\0")[:-1]), cwd, qmp_socket)
+        fields = dict(line.split(":", 1) for line in status.splitlines() if ":" in line)
+        uid, gid = int(fields["Uid"].split()[0]), int(fields["Gid"].split()[0])
+        groups = tuple(int(g) for g in fields.get("Groups", "").split())
+        argv = tuple(a.decode() for a in raw.split(b"\0")[:-1])
+        return cls(argv, cwd, qmp_socket, uid, gid, groups)
 
     def to_json(self) -> dict[str, Any]:
-        return {"argv": list(self.argv), "cwd": self.cwd, "qmp_socket": self.qmp_socket}
+        return attrs.asdict(self)
 
     @classmethod
     def from_json(cls, data: Mapping[str, Any]) -> RecordedLaunch:
-        return cls(tuple(data["argv"]), data["cwd"], data["qmp_socket"])
+        return cls(
+            tuple(data["argv"]),
+            data["cwd"],
+            data["qmp_socket"],
+            data.get("uid"),
+            data.get("gid"),
+            tuple(data.get("groups", ())),
+        )
 
     def with_disks(self, replace: Mapping[str, str]) -> RecordedLaunch:
         return attrs.evolve(self, argv=tuple(replace_disk_paths(self.argv, replace, self.cwd)))
+
+    @property
+    def owner(self) -> tuple[int, int] | None:
+        """(uid, gid) when QEMU ran as another user than us: new files must be theirs."""
+        if self.uid is None or self.gid is None or self.uid == os.getuid():
+            return None
+        return self.uid, self.gid
 
 
 # Options whose value names an image file, in QEMU's "key=value,key=value" syntax.
@@ -522,7 +550,10 @@ async def relaunch(
     """
     argv = restart_argv(launch.argv, incoming=incoming)
     log.debug("relaunching %s", shlex.join(argv))
-    process = spawn(argv, log_file=log_file, cwd=launch.cwd)
+    user = None
+    if launch.owner is not None:
+        user = (launch.owner[0], launch.owner[1], launch.groups)
+    process = spawn(argv, log_file=log_file, cwd=launch.cwd, user=user)
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:

@@ -34,12 +34,16 @@ class FdTransport:
     """Migration to/from a regular file through ``getfd`` + ``fd:`` URIs."""
 
     @contextlib.asynccontextmanager
-    async def saving(self, monitor: Monitor, path: str, *, live: bool) -> AsyncIterator[Saver]:
+    async def saving(
+        self, monitor: Monitor, path: str, *, live: bool, owner: tuple[int, int] | None = None
+    ) -> AsyncIterator[Saver]:
         """Prepare a save into the new file ``path`` (everything that need not wait for the
         guest's pause: the file, the fd hand-over, capabilities); the body then pauses the
         guest and calls :meth:`Saver.run`.  On any failure (also cancellation) a migration
         still running is cancelled and the partial file removed."""
         fd = _create_private(path)
+        if owner is not None:
+            os.fchown(fd, *owner)  # QEMU writes through our fd; its user reads it back later
         made = os.fstat(fd)
         try:
             # background-snapshot: QEMU write-protects guest RAM (userfaultfd) and copies a
@@ -66,9 +70,10 @@ class FdTransport:
         live: bool,
         timeout: float,
         progress: Progress | None = None,
+        owner: tuple[int, int] | None = None,
     ) -> None:
         """Prepare and run a save in one go (the guest's state is whatever it is now)."""
-        async with self.saving(monitor, path, live=live) as saver:
+        async with self.saving(monitor, path, live=live, owner=owner) as saver:
             await saver.run(timeout=timeout, progress=progress)
 
     async def load(self, monitor: Monitor, path: str, *, timeout: float) -> None:

@@ -49,6 +49,7 @@ __all__ = [
     "DEFAULT_TIMEOUT",
     "EventWaiter",
     "Monitor",
+    "QMPClient",
     "RunStatus",
 ]
 
@@ -279,21 +280,22 @@ class _Client(QMPClient):
         # forever; nobody reads it here, so a long-lived monitor would grow without bound.
         self._listeners.remove(self.events)
 
-    async def send_fd_in_order(self, fd: int) -> None:
-        """send_fd_scm, made safe against the StreamWriter's own buffered output."""
-        # send_fd_scm writes its one carrier byte straight to the socket, bypassing the
-        # transport: were part of an earlier message still buffered there, the byte would land
-        # inside that message's JSON. Flush first; nothing can be written between the flush
-        # and the send, there is no await in between.
-        while True:
-            if self._writer is not None:
-                await flush(self._writer)
-            try:
-                self.send_fd_scm(fd)
-                return
-            except BlockingIOError:
-                # The socket is non-blocking and QEMU has not drained it yet.
-                await asyncio.sleep(0.01)
+
+async def _send_fd_in_order(client: QMPClient, fd: int) -> None:
+    """send_fd_scm, made safe against the StreamWriter's own buffered output."""
+    # send_fd_scm writes its one carrier byte straight to the socket, bypassing the
+    # transport: were part of an earlier message still buffered there, the byte would land
+    # inside that message's JSON. Flush first; nothing can be written between the flush
+    # and the send, there is no await in between.
+    while True:
+        if client._writer is not None:
+            await flush(client._writer)
+        try:
+            client.send_fd_scm(fd)
+            return
+        except BlockingIOError:
+            # The socket is non-blocking and QEMU has not drained it yet.
+            await asyncio.sleep(0.01)
 
 
 # --- the monitor ------------------------------------------------------------------------------
@@ -302,10 +304,18 @@ class _Client(QMPClient):
 class Monitor:
     """A QMP connection to one QEMU process. Use :meth:`connect`; ``async with`` closes it."""
 
-    def __init__(self, client: _Client, *, label: str, peer: tuple[int, int, int] | None) -> None:
+    def __init__(
+        self,
+        client: QMPClient,
+        *,
+        label: str,
+        peer: tuple[int, int, int] | None,
+        borrowed: bool = False,
+    ) -> None:
         self._client = client
         self.label = label
         self._peer = peer
+        self._borrowed = borrowed  # the caller's client: close() leaves it connected
         self._fd_lock = asyncio.Lock()
         self._waiters: set[EventWaiter] = set()
         self._closed = False
@@ -359,6 +369,16 @@ class Monitor:
         log.debug("%s: connected, greeting %s", label, client.greeting)
         return cls(client, label=label, peer=peer)
 
+    @classmethod
+    def from_client(cls, client: QMPClient) -> Monitor:
+        """A Monitor over a connected ``qemu.qmp.QMPClient`` the caller already has (and
+        keeps: closing the Monitor does not disconnect it)."""
+        if client.runstate is not Runstate.RUNNING:
+            raise MonitorConnectError("the QMPClient given is not connected")
+        sock = client._writer.get_extra_info("socket") if client._writer else None
+        peer = _peer_credentials(sock) if sock is not None else None
+        return cls(client, label=client.name or "QMP client", peer=peer, borrowed=True)
+
     async def __aenter__(self) -> Monitor:
         return self
 
@@ -377,6 +397,8 @@ class Monitor:
 
         async def disconnect() -> None:
             await asyncio.wait({self._watcher})
+            if self._borrowed:
+                return
             try:
                 await self._client.disconnect()
             except Exception as exc:
@@ -488,7 +510,7 @@ class Monitor:
             # QEMU keeps the last fd that arrived with any byte on the monitor socket and gives
             # it to the next getfd; the lock keeps each send/getfd pair together.
             try:
-                await self._client.send_fd_in_order(fd)
+                await _send_fd_in_order(self._client, fd)
             except StateError as exc:
                 raise MonitorError(
                     f"the QMP connection is closed (fd {fdname!r} not sent)"

@@ -447,10 +447,13 @@ class QemuImg(_Runner):
         backing: str | None = None,
         backing_fmt: str | None = None,
         mode: int = 0o600,
+        owner: tuple[int, int] | None = None,
         options: Mapping[str, str] | None = None,
         timeout: float | None = None,
     ) -> None:
         """Create a new image; an existing *path* is never touched (:class:`TargetExistsError`).
+
+        *owner* (uid, gid): the new file belongs to them (the user a QEMU runs as).
 
         *size* may be omitted with *backing* (the overlay takes the backing file's size). A
         relative *backing* name is relative to the new image's directory, as QEMU reads it.
@@ -469,6 +472,8 @@ class QemuImg(_Runner):
             raise QemuImgError(f"cannot create {path}: {exc.strerror or exc}") from exc
         try:
             os.fchmod(fd, mode)  # exactly *mode*, whatever the umask
+            if owner is not None:
+                os.fchown(fd, *owner)
             made = os.fstat(fd)
         finally:
             os.close(fd)

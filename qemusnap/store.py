@@ -19,7 +19,7 @@ import json
 import os
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -254,6 +254,20 @@ class Store:
             "SELECT id FROM vms WHERE qmp_socket=? ORDER BY id DESC", (qmp_socket,)
         ).fetchone()
         return self.vm(row[0]) if row else None
+
+    def find_or_add_vm(
+        self, name: str, disks: Sequence[DiskRecord], chain_files: Iterable[str]
+    ) -> VMRecord:
+        """The VM with these disks (by active image, else by any image of their chains),
+        with its disks updated; made if new.  One transaction: two first commands on the
+        same new disks at once still make one VM."""
+        chain_files = list(chain_files)
+        with self._tx() as db:
+            record = self.find_vm([d.file for d in disks]) or self.find_vm(chain_files)
+            if record is None:
+                return self.add_vm(name, disks, chain_files)
+            self._write_disks(db, record.id, disks)
+        return self.vm(record.id)
 
     def add_vm(self, name: str, disks: Iterable[DiskRecord], base_files: Iterable[str]) -> VMRecord:
         with self._tx() as db:

@@ -140,11 +140,6 @@ def test_qemu_of_another_user_is_refused_unless_allowed(nobody_vm: NobodyVM) -> 
 
 @pytest.mark.qemu_img
 @pytest.mark.qemu_system
-@pytest.mark.xfail(
-    strict=True,
-    reason="with --allow-other-user, a QEMU restarted by a revert runs as root, not as the"
-    " user who owned it (machine.relaunch ignores the recorded process's uid/gid)",
-)
 def test_revert_restarts_another_users_qemu_as_that_user(nobody_vm: NobodyVM) -> None:
     nobody_vm.cli("--allow-other-user", "create", "d1", "--disk-only", "--internal")
     nobody_vm.cli("--allow-other-user", "revert", "d1", "--force")  # restarts QEMU
@@ -153,11 +148,6 @@ def test_revert_restarts_another_users_qemu_as_that_user(nobody_vm: NobodyVM) ->
 
 @pytest.mark.qemu_img
 @pytest.mark.qemu_system
-@pytest.mark.xfail(
-    strict=True,
-    reason="with --allow-other-user, external snapshots fail: the overlay is created 0600 by"
-    " root and the QEMU (another user) cannot open it ('blockdev-add ... Permission denied')",
-)
 def test_external_snapshot_of_another_users_qemu(nobody_vm: NobodyVM) -> None:
     done = nobody_vm.cli("--allow-other-user", "create", "e1", "--disk-only", expect=(0, 1))
     assert done.returncode == 0, done.stderr
