@@ -1321,6 +1321,16 @@ class VM:
         elif target is VMState.PAUSED and status.running:
             await self.monitor.stop()
 
+    def restore_point(
+        self, name: str, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> contextlib.AbstractAsyncContextManager[Snapshot]:
+        """``async with vm.restore_point("golden"):`` — the VM goes back to snapshot ``name``
+        when the block ends, however it ends (taken on entry if it does not exist yet).  See
+        :func:`qemusnap.harness.restore_point`."""
+        from .harness import restore_point
+
+        return restore_point(self, name, timeout=timeout)
+
     # --- restarting QEMU ------------------------------------------------------------------------
 
     async def _prepare_restart(self, new_files: dict[str, str]) -> Starter:

@@ -162,3 +162,24 @@ def test_cold_two_disks(short_tmp: Path) -> None:
             assert [d.name for d in only.disks] == list(DISKS)
 
     asyncio.run(listing())
+
+
+@pytest.mark.qemu_system
+def test_restore_point_reverts_on_exit_and_on_error(short_tmp: Path) -> None:
+    images = make_disks(short_tmp, DISKS)
+
+    async def scenario() -> None:
+        async with await VM.launch(firmware_config(images), state_dir=short_tmp / "state") as vm:
+            await write_both(vm, A)
+            async with vm.restore_point("golden") as golden:
+                assert golden.memory is MemoryKind.INTERNAL  # taken on entry, in place
+                await write_both(vm, B)
+            await expect_both(vm, A, images)
+            with pytest.raises(ZeroDivisionError):
+                async with vm.restore_point("golden"):
+                    await write_both(vm, C)
+                    _ = 1 / 0
+            await expect_both(vm, A, images)
+            assert [s.name for s in vm.snapshots()] == ["golden"]
+
+    asyncio.run(scenario())
