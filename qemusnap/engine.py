@@ -69,6 +69,7 @@ from .plan import (
     Rebind,
     Remove,
     Step,
+    dead_images,
     file_part,
     overlay_path,
     plan_merge_away,
@@ -1611,23 +1612,36 @@ class VM:
         disjoint, so they can be planned together)."""
         graph, holds_internal = await self._image_graph()
         owned = {p for p, mine in self.store.files(self.record.id).items() if mine}
-        return [
-            plan_merge_away(ImageGraph(graph), d.file, owned=owned, holds_internal=holds_internal)
+        # Images nothing needs any more (e.g. those a revert or an earlier delete left with no
+        # snapshot and no disk reading through them) go first, so no merge wastes effort on
+        # them or leaves them behind.
+        dead = dead_images(ImageGraph(graph), self._referenced_files(), owned)
+        alive = ImageGraph({k: v for k, v in graph.items() if k not in dead})
+        merges = [
+            plan_merge_away(alive, d.file, owned=owned, holds_internal=holds_internal)
             for d in snap.disks
             if d.snapshot is DiskSnapshotKind.EXTERNAL and d.file and d.file in graph
         ]
+        return [[Remove(p) for p in dead], *merges]
 
     async def _image_graph(self) -> tuple[dict[str, str | None], set[str]]:
         """Backing file of every image this VM's snapshots and disks know, and which of them
         hold internal snapshots."""
+        roles = self.store.owned_files(self.record.id)
+        not_images = {p for p, role in roles.items() if role != "overlay"}
+        not_images |= {s.memory_file for s in self.store.snapshots(self.record.id) if s.memory_file}
+        saved = self.store.vm(self.record.id).saved
+        if saved:
+            not_images.add(saved["file"])
         known = set(self.store.files(self.record.id)) | self._referenced_files()
+        known -= not_images
         for disk in await self.disks():
             chain = await self.qemu_img.chain(disk.name, disk.file, force_share=True)
             known.update(image.filename for image in chain.images)
         graph: dict[str, str | None] = {}
         holds_internal: set[str] = set()
         for path in sorted(known):
-            if not os.path.exists(path) or path.endswith(".mem"):
+            if not os.path.exists(path):
                 continue
             try:
                 (info,) = await self.qemu_img.info(path, backing_chain=False, force_share=True)

@@ -110,6 +110,20 @@ def plan_merge_away(
     return [*(Pull(d, frozen, new_backing) for d in dependents), Remove(frozen)]
 
 
+def dead_images(
+    graph: ImageGraph, referenced: Collection[str], owned: Collection[str]
+) -> list[str]:
+    """Images qemusnap made that nothing needs: no snapshot or disk refers to them and none of
+    those reads through them.  Removing them changes no data anyone can see."""
+    needed: set[str] = set()
+    for image in referenced:
+        current: str | None = image
+        while current is not None and current not in needed:
+            needed.add(current)
+            current = graph.backing.get(current)
+    return sorted(p for p in graph.backing if p in owned and p not in needed)
+
+
 def overlay_path(
     active: str, base: str, snapshot: str, exists: Callable[[str], bool] = os.path.lexists
 ) -> str:

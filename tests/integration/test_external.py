@@ -267,3 +267,36 @@ def test_live_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
             await io.expect(P1)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.qemu_img
+def test_delete_with_children_leaves_no_orphan(short_tmp: Path) -> None:
+    """Branches, reverts and an internal snapshot on an abandoned overlay: deleting a subtree
+    leaves exactly the images still in use, nothing owned by no one."""
+    (image,) = make_disks(short_tmp, ["vda"])
+
+    async def scenario() -> None:
+        async with await VM.cold([str(image)], state_dir=short_tmp / "state") as vm:
+            io = Cold(vm)
+            for step, pattern in (("ext1", P0), ("cp1", P1)):
+                await io.write(pattern)
+                await vm.create(step, disk_only=True)
+            await vm.revert("ext1")
+            await io.write(P2)
+            await vm.create("ext2", disk_only=True)
+            await vm.revert("cp1")
+            await io.expect(P1)
+            await vm.create("halt1", disk_only=True)
+            await io.write(P3)
+            await vm.create("offline")  # internal, in halt1's overlay
+            await vm.revert("ext2")
+            await io.expect(P2)
+            assert await vm.delete("cp1", children=True) == ["offline", "halt1", "cp1"]
+            in_chains = {i.filename for chain in await vm.chains() for i in chain.images}
+            kept = {str(p) for p in short_tmp.glob("*.qcow2")}
+            assert kept == in_chains | {vm.info("ext1").disks[0].file}
+            for name, pattern in (("ext2", P2), ("ext1", P0)):
+                await vm.revert(name)
+                await io.expect(pattern)
+
+    asyncio.run(scenario())

@@ -3,7 +3,16 @@ from __future__ import annotations
 import pytest
 
 from qemusnap.errors import UnsupportedError
-from qemusnap.plan import Commit, ImageGraph, Pull, Rebind, Remove, overlay_path, plan_merge_away
+from qemusnap.plan import (
+    Commit,
+    ImageGraph,
+    Pull,
+    Rebind,
+    Remove,
+    dead_images,
+    overlay_path,
+    plan_merge_away,
+)
 
 # base <- o1 <- o2 (active), and a branch base <- n1 (another snapshot's image)
 GRAPH = ImageGraph({"base": None, "o1": "base", "o2": "o1", "n1": "base"})
@@ -70,3 +79,12 @@ def test_overlay_path_is_next_free_name() -> None:
     assert (
         overlay_path("/d/x.qcow2", "/b/vda.qcow2", "s1", taken.__contains__) == "/d/vda.s1.3.qcow2"
     )
+
+
+def test_dead_images_are_those_nothing_reads_through() -> None:
+    # base <- a <- b (active);  base <- c <- d (left by a revert: nobody refers to c or d)
+    graph = ImageGraph({"base": None, "a": "base", "b": "a", "c": "base", "d": "c"})
+    owned = {"a", "b", "c", "d"}
+    assert dead_images(graph, {"b"}, owned) == ["c", "d"]
+    assert dead_images(graph, {"b", "c"}, owned) == ["d"]  # c is a snapshot's image
+    assert dead_images(graph, set(), {"a"}) == ["a"]  # the user's base is never "dead"
