@@ -1177,9 +1177,13 @@ class VM:
             if file != disk.file:
                 base = (await self.qemu_img.chain(disk.name, file, force_share=True)).base
                 clones[disk.name] = overlay_path(file, base.filename, snap.name)
-        in_place = self.monitor is not None and snap.memory is MemoryKind.INTERNAL
+        live = self.monitor is not None
+        # Cold, a checkpoint comes back in the run state it was taken in when qemusnap knows
+        # how to start the VM: QEMU starts paused (-S) and loads it in place.
+        can_start = not live and snap.memory is MemoryKind.INTERNAL and self._knows_launch()
+        in_place = snap.memory is MemoryKind.INTERNAL and (live or can_start)
         start = None
-        if self.monitor is not None and (clones or not in_place):
+        if (live and (clones or not in_place)) or can_start:
             start = await self._prepare_restart(clones)
         if self.monitor is None:
             await self._refuse_in_use(disks, "use --qmp SOCKET to revert it live")
@@ -1197,7 +1201,7 @@ class VM:
                 if disk.name in clones:
                     await self._clone(file, clones[disk.name], keep_tag=snap.name)
             journal.passed("overlays-made")
-            if start is not None:
+            if start is not None and self.monitor is not None:
                 await self._stop_qemu()
                 journal.update(stopped=True)
                 journal.passed("stopped")
@@ -1265,6 +1269,11 @@ class VM:
         with_memory = snap.memory is MemoryKind.FILE
         if with_memory and (snap.memory_file is None or not os.path.exists(snap.memory_file)):
             raise DiskNotFoundError(f"memory file of {snap.name} is missing: {snap.memory_file}")
+        if with_memory and self.monitor is None and not self._knows_launch():
+            # Cold, and no way to start this VM: its disks are reverted, its memory stays in
+            # the file for a later revert once qemusnap knows the command line.
+            log.info("%s: QEMU's command line is unknown: reverting the disks only", snap.name)
+            with_memory = False
         start = None
         if self.monitor is not None or with_memory:
             start = await self._prepare_restart(overlays)
@@ -1333,6 +1342,15 @@ class VM:
         return restore_point(self, name, timeout=timeout)
 
     # --- restarting QEMU ------------------------------------------------------------------------
+
+    def _knows_launch(self) -> bool:
+        """Whether qemusnap can start this VM's QEMU (see :meth:`_prepare_restart`)."""
+        launch = self.store.vm(self.record.id).launch
+        return bool(
+            self.relaunch_hook is not None
+            or self.machine is not None
+            or (launch and "argv" in launch)
+        )
 
     async def _prepare_restart(self, new_files: dict[str, str]) -> Starter:
         """How to start this VM again with disks moved to ``new_files`` (disk name -> image).

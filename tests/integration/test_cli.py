@@ -273,3 +273,45 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
         proc.wait()
         if new_pid:
             os.kill(new_pid, 9)
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+def test_cold_revert_of_a_checkpoint_starts_qemu_again(short_tmp: Path) -> None:
+    """The VM is off, but qemusnap recorded its command line: a checkpoint comes back in the
+    run state it was taken in (QEMU started from that command line, memory loaded)."""
+    import asyncio
+
+    from livevm import read_live, write_live
+
+    (disk,) = make_disks(short_tmp, ["vda"])
+    sock, state = short_tmp / "qmp.sock", short_tmp / "state"
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
+         "-drive", f"file={disk},if=none,id=drive0,format=qcow2",
+         "-device", "virtio-blk-pci,drive=drive0,id=vda",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    new_pid = None
+    try:
+        for _ in range(200):
+            if sock.exists():
+                break
+            time.sleep(0.05)
+        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x71)))
+        run_json("--qmp", sock, "create", "c1", state=state)
+        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x72)))
+        asyncio.run(_with_monitor(sock, lambda m: m.quit()))
+        assert proc.wait(timeout=30) == 0
+        reverted = run_json("revert", "c1", state=state)  # no --qmp: the VM is off
+        assert reverted["name"] == "c1"  # type: ignore[index]
+        new_pid = _peer_pid(sock)
+        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x71)))
+        status = asyncio.run(_with_monitor(sock, lambda m: m.query_status()))
+        assert status.running  # type: ignore[attr-defined]
+    finally:
+        proc.kill()
+        proc.wait()
+        if new_pid:
+            os.kill(new_pid, 9)
