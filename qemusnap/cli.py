@@ -7,6 +7,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -220,9 +221,23 @@ def _check_text(results: Sequence[CheckResult]) -> str:
 # --- running ------------------------------------------------------------------------------------
 
 
+def _answers(socket_path: str) -> bool:
+    """Whether something listens on the UNIX socket (a dead QEMU leaves none, or a stale
+    file that refuses connections)."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(socket_path)
+    except OSError:
+        return False
+    finally:
+        probe.close()
+    return True
+
+
 async def _open(args: argparse.Namespace) -> VM:
-    if args.qmp and args.command == "restore" and not os.path.exists(args.qmp):
-        # After "save" QEMU and its socket are gone: the socket path still names the VM.
+    if args.qmp and args.command not in ("create", "save") and not _answers(args.qmp):
+        # QEMU is gone (after "save", a crash, --halt): the socket path still names the VM,
+        # which the other commands can handle cold ("revert" starts it again).
         with Store(args.state) as store:
             known = store.find_vm_by_socket(os.path.abspath(args.qmp))
         if known is not None:
