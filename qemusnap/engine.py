@@ -726,7 +726,7 @@ class VM:
         disks: Sequence[Disk],
         kind: SnapshotKind,
         memory: MemoryKind,
-        consistency: Consistency,
+        quiesced: bool,
         vm_state: VMState,
         description: str,
         memory_file: str | None = None,
@@ -739,7 +739,14 @@ class VM:
             kind=kind,
             memory=memory,
             memory_file=memory_file,
-            consistency=consistency,
+            # A checkpoint is "full"; disks alone are as consistent as the guest made them.
+            consistency=(
+                Consistency.FULL
+                if memory is not MemoryKind.NONE
+                else Consistency.QUIESCED
+                if quiesced
+                else Consistency.CRASH
+            ),
             vm_state=vm_state,
             created=utc_now(),
             description=description,
@@ -781,13 +788,7 @@ class VM:
             disks=disks,
             kind=SnapshotKind.INTERNAL,
             memory=MemoryKind.INTERNAL if with_memory else MemoryKind.NONE,
-            consistency=(
-                Consistency.FULL
-                if with_memory
-                else Consistency.QUIESCED
-                if quiesce
-                else Consistency.CRASH
-            ),
+            quiesced=quiesce,
             vm_state=vm_state,
             description=description,
         )
@@ -879,13 +880,7 @@ class VM:
             kind=SnapshotKind.EXTERNAL,
             memory=MemoryKind.FILE if with_memory else MemoryKind.NONE,
             memory_file=memory_path,
-            consistency=(
-                Consistency.FULL
-                if with_memory
-                else Consistency.QUIESCED
-                if quiesce
-                else Consistency.CRASH
-            ),
+            quiesced=quiesce,
             vm_state=vm_state,
             description=description,
         )
