@@ -302,6 +302,10 @@ async def _run(args: argparse.Namespace) -> Any:
     """Run one command; returns what to print: (json document, text)."""
     progress = _progress_printer() if sys.stderr.isatty() and not args.json else None
     async with await _open(args) as vm:
+        if vm.store.journal(vm.record.id):
+            # An interrupted operation: repaired by whatever command comes next, reading ones
+            # included (mutating ones do it under their lock anyway).
+            await vm.recover()
         match args.command:
             case "create":
                 snap = await vm.create(
