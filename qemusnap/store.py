@@ -142,9 +142,10 @@ class Store:
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             (self.directory / "locks").mkdir(mode=0o700, exist_ok=True)
-            self._db = sqlite3.connect(
-                self.directory / "qemusnap.db", timeout=30, isolation_level=None
-            )
+            database = self.directory / "qemusnap.db"
+            # Created private: SQLite gives its -wal and -shm files the same mode.
+            os.close(os.open(database, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600))
+            self._db = sqlite3.connect(database, timeout=30, isolation_level=None)
             self._db.row_factory = sqlite3.Row
             self._depth = 0
             self._db.execute("PRAGMA journal_mode=WAL")
@@ -319,8 +320,10 @@ class Store:
             db.execute("UPDATE vms SET current=? WHERE id=?", (name, vm_id))
 
     def memory_dir(self, vm_id: int) -> Path:
-        path = self.directory / "vms" / str(vm_id) / "memory"
-        path.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path = self.directory
+        for part in ("vms", str(vm_id), "memory"):  # each level 0700, not only the last
+            path = path / part
+            path.mkdir(mode=0o700, exist_ok=True)
         return path
 
     # --- snapshots ------------------------------------------------------------------------

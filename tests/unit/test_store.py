@@ -94,3 +94,12 @@ def test_lock_is_exclusive_and_names_holder(tmp_path: Path) -> None:
         first.release()
     assert second.try_acquire()
     second.release()
+
+
+def test_state_files_are_private(tmp_path: Path) -> None:
+    with Store(tmp_path / "state") as store:
+        vm = store.add_vm("a", [], [])
+        memory = store.memory_dir(vm.id)
+    assert (tmp_path / "state" / "qemusnap.db").stat().st_mode & 0o777 == 0o600
+    for path in (memory, memory.parent, memory.parent.parent):
+        assert path.stat().st_mode & 0o777 == 0o700, path
