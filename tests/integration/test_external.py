@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import pytest
@@ -235,8 +234,6 @@ def test_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
 
     asyncio.run(scenario())
 
-
-Action = Callable[[], Awaitable[object]]
 
 
 @pytest.mark.qemu_system
