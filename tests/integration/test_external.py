@@ -235,7 +235,6 @@ def test_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
     asyncio.run(scenario())
 
 
-
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
 def test_live_mixed_tree_keeps_external_data(short_tmp: Path) -> None:
