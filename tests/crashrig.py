@@ -274,7 +274,8 @@ async def _read_live(monitor: Monitor, tmp: Path) -> list[int | None]:
                 url = f"nbd+unix:///{export}?socket={sock}"
                 found.append(await asyncio.to_thread(_pattern_of, ["-f", "raw", url]))
             finally:
-                await monitor.execute("block-export-del", {"id": export})
+                # "hard": qemu-io has exited, but QEMU may not have noticed it yet.
+                await monitor.execute("block-export-del", {"id": export, "mode": "hard"})
     finally:
         await monitor.execute("nbd-server-stop")
     return found

@@ -68,7 +68,8 @@ async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
             text=True,
             timeout=60,
         )
-        await monitor.execute("block-export-del", {"id": export})
+        # "hard": qemu-io has exited, but QEMU may not have noticed its disconnect yet.
+        await monitor.execute("block-export-del", {"id": export, "mode": "hard"})
     finally:
         await monitor.execute("nbd-server-stop")
         os.rmdir(sock_dir) if not os.listdir(sock_dir) else None
