@@ -1741,18 +1741,7 @@ def _step_from_json(data: dict[str, Any]) -> Step:
 
 def _snapshot_from_json(data: dict[str, Any]) -> Snapshot:
     """A :class:`Snapshot` from its ``to_json`` form (as journaled)."""
-    return Snapshot(
-        name=data["name"],
-        parent=data["parent"],
-        kind=SnapshotKind(data["kind"]),
-        memory=MemoryKind(data["memory"]),
-        memory_file=data["memory_file"],
-        consistency=Consistency(data["consistency"]),
-        vm_state=VMState(data["vm_state"]),
-        created=data["created"],
-        description=data["description"],
-        disks=tuple(DiskSnapshot.from_json(d) for d in data["disks"]),
-    )
+    return Snapshot.from_json(data)
 
 
 async def _wait_until_free(state_dir: str | os.PathLike[str] | None, qmp_socket: str) -> None:

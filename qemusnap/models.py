@@ -258,6 +258,23 @@ class Snapshot:
     def is_checkpoint(self) -> bool:
         return self.memory is not MemoryKind.NONE
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Snapshot:
+        """The inverse of :meth:`to_json` (the store's rows and the journal use it too)."""
+        return cls(
+            name=data["name"],
+            parent=data["parent"],
+            kind=SnapshotKind(data["kind"]),
+            memory=MemoryKind(data["memory"]),
+            memory_file=data["memory_file"],
+            consistency=Consistency(data["consistency"]),
+            vm_state=VMState(data["vm_state"]),
+            created=data["created"],
+            description=data["description"],
+            disks=tuple(DiskSnapshot.from_json(d) for d in data["disks"]),
+            current=bool(data.get("current", False)),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "name": self.name,

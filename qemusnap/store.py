@@ -33,12 +33,8 @@ from .errors import (
     VMNotFoundError,
 )
 from .models import (
-    Consistency,
     DiskSnapshot,
-    MemoryKind,
     Snapshot,
-    SnapshotKind,
-    VMState,
 )
 
 SCHEMA_VERSION = 1
@@ -541,16 +537,7 @@ class VMLock:
 
 
 def _snapshot_from_row(row: sqlite3.Row, current: str | None) -> Snapshot:
-    return Snapshot(
-        name=row["name"],
-        parent=row["parent"],
-        kind=SnapshotKind(row["kind"]),
-        memory=MemoryKind(row["memory"]),
-        memory_file=row["memory_file"],
-        consistency=Consistency(row["consistency"]),
-        vm_state=VMState(row["vm_state"]),
-        created=row["created"],
-        description=row["description"],
-        disks=tuple(DiskSnapshot.from_json(d) for d in json.loads(row["disks"])),
-        current=row["name"] == current,
-    )
+    data = dict(row)  # sqlite3.Row has keys() and [key]: a mapping for dict()
+    data["disks"] = json.loads(row["disks"])
+    data["current"] = row["name"] == current
+    return Snapshot.from_json(data)
