@@ -33,6 +33,7 @@ from typing import Any
 
 import attrs
 
+from . import hostmem
 from .errors import LaunchError, OperationTimeout, UnsupportedError
 from .monitor import Monitor
 
@@ -109,15 +110,30 @@ class MachineConfig:
     qga_socket: str | None = None  # qemu-guest-agent channel (virtio-serial), server socket
     extra_args: tuple[str, ...] = ()
     binary: str | None = None
+    #: Guest RAM on 2 MiB huge pages (hugetlbfs memfd, allocated at start: ``vm.nr_hugepages``
+    #: must leave enough free).  A live checkpoint then pauses the guest for the same time
+    #: whatever its RAM size; see :mod:`qemusnap.hostmem` for why.
+    hugepages: bool = attrs.field(default=False)
+
+    @hugepages.validator
+    def _check_hugepages(self, _attribute: object, value: bool) -> None:
+        if value and self.memory_mib % hostmem.HUGE_PAGE_MIB:
+            raise UnsupportedError(
+                f"memory_mib={self.memory_mib}: huge-page guest RAM must be a multiple of"
+                f" {hostmem.HUGE_PAGE_MIB} MiB"
+            )
 
     def argv(self, *, paused: bool = False, incoming: bool = False) -> list[str]:
+        machine = self.machine_type
+        if self.hugepages:
+            machine += ",memory-backend=qs-ram"
         argv = [
             self.binary or qemu_binary(),
             "-nodefaults",
             "-display",
             "none",
             "-machine",
-            self.machine_type,
+            machine,
             "-accel",
             choose_accel(self.accel),
             "-m",
@@ -125,6 +141,12 @@ class MachineConfig:
             "-smp",
             str(self.cpus),
         ]
+        if self.hugepages:
+            argv += [
+                "-object",
+                f"memory-backend-memfd,id=qs-ram,size={self.memory_mib}M,hugetlb=on,"
+                f"hugetlbsize={hostmem.HUGE_PAGE_MIB}M,prealloc=on",
+            ]
         if self.kernel:
             argv += ["-kernel", self.kernel]
         if self.initrd:
@@ -208,6 +230,15 @@ class Machine:
         return self._process.poll() if self._process else None
 
     async def launch(self) -> Machine:
+        if self.config.hugepages:
+            needed = self.config.memory_mib // hostmem.HUGE_PAGE_MIB
+            free = hostmem.free_huge_pages()
+            if free < needed:
+                self._remove_log_dir()
+                raise LaunchError(
+                    f"guest RAM on huge pages needs {needed} free {hostmem.HUGE_PAGE_MIB} MiB"
+                    f" huge pages, {free} are free (raise vm.nr_hugepages)"
+                )
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         argv = [
             *self.argv,

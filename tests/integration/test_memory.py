@@ -5,22 +5,24 @@ from the value it had at the snapshot."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 from pathlib import Path
 
+import attrs
 import pytest
 from guest import Serial, guest_config
 from livevm import make_disks
 
-from qemusnap import VM, Consistency, MemoryKind, SnapshotKind, VMState
+from qemusnap import VM, Consistency, MemoryKind, SnapshotKind, VMState, hostmem
 from qemusnap.agent import GuestAgent
 from qemusnap.errors import TargetExistsError
 
 pytestmark = [pytest.mark.qemu_system, pytest.mark.guest]
 
 
-async def boot(tmp: Path, disks: list[Path]) -> tuple[VM, Serial]:
-    config = guest_config(tmp, disks)
+async def boot(tmp: Path, disks: list[Path], *, hugepages: bool = False) -> tuple[VM, Serial]:
+    config = attrs.evolve(guest_config(tmp, disks), hugepages=hugepages)
     vm = await VM.launch(config, state_dir=tmp / "state")
     serial = Serial(config.serial_log or "")
     await serial.wait_for(b"qemusnap-guest ready")
@@ -42,14 +44,22 @@ async def expect_resumed_at(vm: VM, serial: Serial, name: str, at_snapshot: int)
     assert (await vm.run_state()) is VMState.RUNNING
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
-def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool) -> None:
+@pytest.mark.parametrize(
+    ("live", "hugepages"),
+    [(False, False), (True, False), (True, True)],
+    ids=["stop-and-copy", "live", "live-hugepages"],
+)
+def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool, hugepages: bool) -> None:
+    """Also with guest RAM on huge pages (the flat-pause setup): QEMU's write tracking then
+    protects and copies 2 MiB pages, a different path through userfaultfd."""
     disks = make_disks(short_tmp, ["vda"])
     memory = short_tmp / "mem" / "c1.mem"
     memory.parent.mkdir()
+    # 256 MiB of guest RAM; the old QEMU is gone before a revert starts the new one.
+    reserved = hostmem.huge_pages_free(128) if hugepages else contextlib.nullcontext()
 
     async def scenario() -> None:
-        vm, serial = await boot(short_tmp, disks)
+        vm, serial = await boot(short_tmp, disks, hugepages=hugepages)
         async with vm:
             await serial.wait_counter_at_least(2)
             await guest_sh(short_tmp, "echo before > /tmp/marker; echo before > /mnt/vda/f; sync")
@@ -69,7 +79,8 @@ def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool) -> None:
             await vm.delete("c1")
             assert not memory.exists()
 
-    asyncio.run(scenario())
+    with reserved:
+        asyncio.run(scenario())
 
 
 def test_checkpoint_of_user_paused_vm_stays_paused(short_tmp: Path) -> None:

@@ -1,8 +1,13 @@
 from __future__ import annotations
 
+import asyncio
 import json
 
-from qemusnap.machine import Drive, MachineConfig, replace_disk_paths, restart_argv
+import pytest
+
+from qemusnap import hostmem
+from qemusnap.errors import LaunchError, UnsupportedError
+from qemusnap.machine import Drive, Machine, MachineConfig, replace_disk_paths, restart_argv
 
 
 def test_replace_disk_paths_in_every_syntax() -> None:
@@ -46,6 +51,24 @@ def test_machine_argv_has_stable_names() -> None:
     node = json.loads(argv[argv.index("-blockdev") + 1])
     assert node["node-name"] == "vda-fmt" and node["file"]["filename"] == "/d/a.qcow2"
     assert "virtio-blk-pci,drive=vda-fmt,id=vda" in argv
+
+
+def test_huge_page_guest_ram() -> None:
+    argv = MachineConfig(memory_mib=512, accel="tcg", hugepages=True).argv()
+    assert argv[argv.index("-machine") + 1] == "q35,memory-backend=qs-ram"
+    backend = argv[argv.index("-object") + 1]
+    assert backend.startswith("memory-backend-memfd,id=qs-ram,size=512M,hugetlb=on,")
+    assert "prealloc=on" in backend  # allocated at start: a shortage fails the launch, not later
+    assert "-object" not in MachineConfig(memory_mib=512).argv()
+    with pytest.raises(UnsupportedError, match="multiple of 2 MiB"):
+        MachineConfig(memory_mib=255, hugepages=True)
+
+
+def test_huge_page_shortage_is_refused_before_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(hostmem, "free_huge_pages", lambda: 3)
+    machine = Machine(MachineConfig(memory_mib=512, hugepages=True, binary="/nonexistent"))
+    with pytest.raises(LaunchError, match="needs 256 free 2 MiB huge pages, 3 are free"):
+        asyncio.run(machine.launch())
 
 
 def test_restart_argv_drops_monitors_on_inherited_fds() -> None:
