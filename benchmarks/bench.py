@@ -2,7 +2,9 @@
 
 For each guest RAM size: boot the test guest (TCG here) with 4 qcow2 disks, fill at least 75 %
 of its RAM with non-zero data through the guest agent, then time every operation ``--repeat``
-times. Prints a Markdown table on stdout (progress on stderr) and writes everything as JSON.
+times; then boot it again with its RAM on 2 MiB huge pages (``MachineConfig.hugepages``,
+reserving ``vm.nr_hugepages`` for the run) and time the live checkpoint there too. Prints a
+Markdown table on stdout (progress on stderr) and writes everything as JSON.
 
     scripts/bench --quick                  # 512 MiB only, 2 repetitions
     scripts/bench --ram 512,1024,2048      # the default
@@ -12,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import shlex
 import shutil
@@ -23,7 +26,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from qemusnap import VM, UnsupportedError
+import attrs
+
+from qemusnap import VM, UnsupportedError, hostmem
 from qemusnap.machine import choose_accel
 
 from . import measure, reset
@@ -176,33 +181,75 @@ class Runner:
 
 
 async def bench_guest(ram_mib: int, args: argparse.Namespace, scratch: Path, log: Log) -> GuestRun:
+    """Everything on a guest of ``ram_mib``; then the live checkpoint again on a guest whose RAM
+    is on huge pages (see qemusnap.hostmem: QEMU 7.2's pause has a per-host-page term)."""
     run = GuestRun(ram_mib)
     started = time.perf_counter()
-    directory = scratch / f"r{ram_mib}"
+    try:
+        await on_guest(scratch / f"r{ram_mib}", run, args, log, lambda runner: runner.all(ram_mib))
+        await huge_page_guest(scratch / f"h{ram_mib}", run, args, log)
+    except Exception as exc:
+        run.error = f"{type(exc).__name__}: {exc}"
+        log(f"ERROR {run.error}")
+    finally:
+        run.seconds = time.perf_counter() - started
+    return run
+
+
+async def on_guest(
+    directory: Path,
+    run: GuestRun,
+    args: argparse.Namespace,
+    log: Log,
+    work: Callable[[Runner], Awaitable[None]],
+    *,
+    hugepages: bool = False,
+) -> None:
+    """Boot the test guest with 4 disks in ``directory``, fill its RAM, run ``work``; then
+    remove the directory (it holds gigabytes of memory files)."""
+    started = time.perf_counter()
     directory.mkdir()
     vm: VM | None = None
     try:
         disks = await make_disks(directory, DISKS)
-        config = guest_config(directory, disks, memory_mib=ram_mib, accel=args.accel)
-        log(f"booting the test guest ({choose_accel(config.accel)}, {len(disks)} disks)")
+        config = guest_config(directory, disks, memory_mib=run.ram_mib, accel=args.accel)
+        config = attrs.evolve(config, hugepages=hugepages)
+        pages = ", RAM on huge pages" if hugepages else ""
+        log(f"booting the test guest ({choose_accel(config.accel)}, {len(disks)} disks{pages})")
         vm = await VM.launch(config, state_dir=directory / "state", timeout=60.0)
         async with vm:
             serial = Serial(directory / "serial.log")
             await serial.wait_ready()
             log(f"guest ready after {time.perf_counter() - started:.1f} s ({busy_now()})")
             assert config.qga_socket is not None
-            run.fill = await fill_ram(config.qga_socket, ram_mib, args.fill, log)
-            log(f"guest RAM {run.fill.percent} % filled in {run.fill.seconds} s")
+            fill = await fill_ram(config.qga_socket, run.ram_mib, args.fill, log)
+            log(f"guest RAM {fill.percent} % filled in {fill.seconds} s")
+            run.fill = run.fill or fill
             target = Target(vm, serial, config.qga_socket, directory, DISKS)
-            await Runner(target, run, args.repeat, log).all(ram_mib)
-    except Exception as exc:
-        run.error = f"{type(exc).__name__}: {exc}"
-        log(f"ERROR {run.error}")
+            await work(Runner(target, run, args.repeat, log))
     finally:
         if vm is not None and vm.machine is not None:
             _remove_machine_log_dir(vm.machine.log_dir)
-        run.seconds = time.perf_counter() - started
-    return run
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+async def huge_page_guest(
+    directory: Path, run: GuestRun, args: argparse.Namespace, log: Log
+) -> None:
+    key = "live_checkpoint_hugepages"
+    with contextlib.ExitStack() as stack:
+        try:
+            stack.enter_context(hostmem.huge_pages_free(run.ram_mib // hostmem.HUGE_PAGE_MIB))
+        except (PermissionError, MemoryError) as exc:
+            run.outcomes[key] = Outcome("n/a", f"no huge pages for the guest's RAM: {exc}")
+            log(f"{key}: n/a: {exc}")
+            return
+
+        async def live_checkpoints(runner: Runner) -> None:
+            t = runner.target
+            await runner.each(key, lambda i: measure.external_checkpoint(t, f"hc{i}", live=True))
+
+        await on_guest(directory, run, args, log, live_checkpoints, hugepages=True)
 
 
 def _remove_machine_log_dir(log_dir: Path) -> None:
@@ -241,8 +288,6 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
             # Write as we go: the numbers of a long run survive an interruption.
             document["runs"] = [r.to_json() for r in runs]
             write_json(args.json, document)
-            # Free the disk space (gigabytes of vmstate) before the next guest.
-            shutil.rmtree(scratch / f"r{ram_mib}", ignore_errors=True)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     seconds = time.perf_counter() - started

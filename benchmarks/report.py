@@ -133,6 +133,12 @@ TIME_ROWS: tuple[tuple[str, str, str, bool], ...] = (
     ("external disk-only, 4 disks", "external_disk_only_4", "wall_ms", True),
     ("external checkpoint (`--memory-file`)", "external_checkpoint", "wall_ms", True),
     ("live external checkpoint (`--memory-file --live`)", "live_checkpoint", "wall_ms", True),
+    (
+        "live external checkpoint, guest RAM on huge pages",
+        "live_checkpoint_hugepages",
+        "wall_ms",
+        True,
+    ),
     ("revert internal checkpoint → running", "revert_internal", "running_ms", True),
     ("revert internal checkpoint → agent answers", "revert_internal", "agent_ms", False),
     ("revert internal checkpoint → counter continues", "revert_internal", "counter_ms", False),
@@ -147,6 +153,10 @@ THROUGHPUT_ROWS: tuple[tuple[str, str], ...] = (
     ("internal checkpoint: vmstate size / wall", "internal_checkpoint"),
     ("external checkpoint: memory file / QEMU's migration time", "external_checkpoint"),
     ("live external checkpoint: memory file / QEMU's migration time", "live_checkpoint"),
+    (
+        "live, guest RAM on huge pages: memory file / QEMU's migration time",
+        "live_checkpoint_hugepages",
+    ),
 )
 
 
