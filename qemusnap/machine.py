@@ -524,8 +524,10 @@ def _map_image_args(argv: Sequence[str], cwd: str, swap: Callable[[str], str | N
 
 def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
     """``argv`` for a restart: always ``-S`` (qemusnap sends ``cont`` itself), ``-incoming
-    defer`` when memory state will be loaded, and without monitors on inherited file
-    descriptors (``-chardev socket,fd=N``: that descriptor does not exist in a new process)."""
+    defer`` when memory state will be loaded, without monitors on inherited file descriptors
+    (``-chardev socket,fd=N``: that descriptor does not exist in a new process), and with
+    console logs appended to instead of truncated (``-serial file:PATH`` and ``file`` chardevs
+    open their file with O_TRUNC unless ``append=on``)."""
     fd_chardevs = {
         opts.get("id")
         for option, value in itertools.pairwise(argv)
@@ -541,6 +543,15 @@ def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
             skip = False
         elif arg in _DROP_FLAGS:
             pass
+        elif arg == "-serial" and value.startswith("file:"):
+            chardev = f"qs-restart-serial{i}"
+            path = value.removeprefix("file:").replace(",", ",,")
+            out += ["-chardev", f"file,id={chardev},path={path},append=on"]
+            out += ["-serial", f"chardev:{chardev}"]
+            skip = True
+        elif arg == "-chardev" and _opts_dict(value).get("") == "file":
+            out += [arg, value if "append" in _opts_dict(value) else f"{value},append=on"]
+            skip = True
         elif (
             arg in _DROP_WITH_VALUE
             or (arg == "-chardev" and _opts_dict(value).get("id") in fd_chardevs)

@@ -248,13 +248,18 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
         assert created["disks"][0]["file"] == str(disk)  # type: ignore[index]
         asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x62)))
         run("--qmp", sock, "revert", "e1", state=state, expect=2)  # needs --force
+        with serial.open("ab") as log:
+            log.write(b"console before the revert\n")
         run("--qmp", sock, "revert", "e1", "--force", state=state)
         assert proc.wait(timeout=30) == 0  # the old QEMU quit
         new_pid = _peer_pid(sock)
         argv = Path(f"/proc/{new_pid}/cmdline").read_bytes().split(b"\0")[:-1]
         text = [a.decode() for a in argv]
         assert text[text.index("-name") + 1] == "foreign-vm"
-        assert text[text.index("-serial") + 1] == f"file:{serial}"
+        # The console log is appended to, not truncated by the new QEMU.
+        chardev = text[text.index("-serial") + 1].removeprefix("chardev:")
+        assert f"file,id={chardev},path={serial},append=on" in text
+        assert b"console before the revert" in serial.read_bytes()
         assert text[text.index("-qmp") + 1] == f"unix:{sock},server=on,wait=off"
         drive = text[text.index("-drive") + 1]
         assert drive.startswith("file=") and str(disk) not in drive

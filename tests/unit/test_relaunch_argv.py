@@ -53,6 +53,25 @@ def test_machine_argv_has_stable_names() -> None:
     assert "virtio-blk-pci,drive=vda-fmt,id=vda" in argv
 
 
+def test_restart_argv_appends_to_console_logs() -> None:
+    argv = ["qemu", "-serial", "file:/logs/a,b.log", "-chardev", "file,id=c,path=/l/c.log"]
+    argv += ["-chardev", "file,id=d,path=/l/d.log,append=off", "-chardev", "socket,id=e,path=/s"]
+    assert restart_argv(argv, incoming=False) == [
+        "qemu",
+        "-chardev",
+        "file,id=qs-restart-serial1,path=/logs/a,,b.log,append=on",
+        "-serial",
+        "chardev:qs-restart-serial1",
+        "-chardev",
+        "file,id=c,path=/l/c.log,append=on",
+        "-chardev",
+        "file,id=d,path=/l/d.log,append=off",  # what the user chose explicitly stays
+        "-chardev",
+        "socket,id=e,path=/s",
+        "-S",
+    ]
+
+
 def test_huge_page_guest_ram() -> None:
     argv = MachineConfig(memory_mib=512, accel="tcg", hugepages=True).argv()
     assert argv[argv.index("-machine") + 1] == "q35,memory-backend=qs-ram"
