@@ -77,17 +77,21 @@ class FdTransport:
             await saver.run(timeout=timeout, progress=progress)
 
     async def load(self, monitor: Monitor, path: str, *, timeout: float) -> None:
-        """Load memory state from ``path`` into a QEMU started with ``-incoming defer``."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError as exc:
-            raise MemoryFileError(f"cannot open memory file {path}: {exc.strerror}") from exc
-        try:
-            await monitor.send_fd(fd, FD_NAME)
-            await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
-            await _wait_migration(monitor, f"loading {path}", timeout=timeout, progress=None)
-        finally:
-            os.close(fd)
+        """Load memory state from ``path`` into a QEMU started with ``-incoming defer``.
+
+        A load already under way (its client died: QEMU goes on alone) is waited for instead:
+        QEMU refuses a second ``migrate-incoming``."""
+        if (await monitor.query_migrate()).get("status", "none") == "none":
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise MemoryFileError(f"cannot open memory file {path}: {exc.strerror}") from exc
+            try:
+                await monitor.send_fd(fd, FD_NAME)
+                await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+            finally:
+                os.close(fd)  # QEMU has its own copy
+        await _wait_migration(monitor, f"loading {path}", timeout=timeout, progress=None)
 
 
 class Saver:
@@ -155,9 +159,13 @@ async def _wait_migration(
 
 
 async def cancel_migration(monitor: Monitor) -> None:
-    """Best effort: stop a migration that may still be running."""
+    """Best effort: stop an outgoing migration that may still be running.  An incoming one
+    (QEMU in "inmigrate", loading memory state) is left alone: ``migrate_cancel`` does not
+    apply to it, and it is what a recovery finishes (:meth:`FdTransport.load`)."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(5.0):
+            if (await monitor.query_status()).status == "inmigrate":
+                return
             info = await monitor.query_migrate()
             if info.get("status") not in (None, "none", "completed", "failed", "cancelled"):
                 await monitor.execute("migrate_cancel")

@@ -22,8 +22,12 @@ listed with a half-written memory file fails its revert.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import signal
 import subprocess
+import threading
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -31,6 +35,7 @@ import pytest
 from crashrig import (
     DISKS,
     MIB,
+    QEMUSNAP,
     Rig,
     boot_guest,
     check_files,
@@ -338,6 +343,63 @@ def test_killed_while_qemu_writes_memory(rig: Rig) -> None:
     argv = ["create", "c1", "--memory-file", str(memory)]
     run_and_kill(rig, argv, memory, 16 * MIB, victim="qemusnap")
     expect_rolled_back(rig, "c1", P3)
+
+
+@pytest.mark.guest
+def test_killed_while_qemu_loads_memory(rig: Rig) -> None:
+    """qemusnap dies while the QEMU a revert restarted loads the checkpoint's memory file
+    (``migrate-incoming``): QEMU goes on loading alone.  Recovery must wait for that load (a
+    second ``migrate-incoming`` is refused; ``migrate_cancel`` does not apply to an incoming
+    migration) and then settle the run state: the revert is finished.
+
+    The file is served through a pipe, so that the load stalls, deterministically, until the
+    test lets it go on: qemusnap is killed once QEMU has read 16 MiB, and the rest is written
+    only after recovery has been running for longer than any wait it could hide behind."""
+    boot_guest(rig)
+    rig.put(P1)
+    memory = rig.tmp / "c1.mem"
+    rig.snap("c1", "--memory-file", memory)
+    rig.put(P2)
+    kept = rig.tmp / "c1.kept"
+    memory.rename(kept)
+    os.mkfifo(memory, 0o600)
+    read_16_mib, go_on = threading.Event(), threading.Event()
+
+    def serve() -> None:
+        with open(memory, "wb") as pipe, open(kept, "rb") as source:
+            pipe.write(source.read(16 * MIB))  # returns once QEMU has read nearly all of it
+            read_16_mib.set()
+            go_on.wait(120)
+            shutil.copyfileobj(source, pipe)
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    argv = [*QEMUSNAP, "--state", str(rig.state), "--qmp", str(rig.sock), "revert", "c1"]
+    reverting = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        assert read_16_mib.wait(120), "the restarted QEMU never read the memory file"
+        reverting.kill()
+    finally:
+        reverting.wait()
+    recovering = subprocess.Popen(
+        [*QEMUSNAP, "--state", str(rig.state), "--qmp", str(rig.sock), "recover"],
+        stdin=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    time.sleep(8)
+    go_on.set()
+    _, err = recovering.communicate(timeout=120)
+    server.join(30)
+    assert recovering.returncode == 0, err
+    memory.unlink()
+    kept.rename(memory)
+    rig.current, rig.current_snapshot = P1, "c1"
+    assert rig.status() == "running", rig.describe()
+    expect_content(rig, [P1])
+    assert not check_images(rig)
+    check_files(rig, listed(rig).values())
+    expect_reverts(rig)
 
 
 def test_killed_during_block_commit(rig: Rig) -> None:
