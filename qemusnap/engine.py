@@ -924,6 +924,10 @@ class VM:
                 self._adopt_disks(disks, {d.name: p for d, p in plan}, owned=made)
                 if memory_path is not None:
                     self.store.add_file(self.record.id, memory_path, owned=True, role="memory")
+            if halt and self.monitor is not None:
+                # Still journaled: killed before QEMU is gone, recovery resumes the VM that
+                # was paused for the checkpoint (the snapshot is complete and stays).
+                await self._stop_qemu()
         return snap
 
     async def _repause_after_save(self) -> None:

@@ -296,3 +296,34 @@ def test_delete_with_children_leaves_no_orphan(short_tmp: Path) -> None:
                 await io.expect(pattern)
 
     asyncio.run(scenario())
+
+
+@pytest.mark.qemu_system
+@pytest.mark.qemu_img
+@pytest.mark.parametrize("memory", [False, True], ids=["disk-only", "checkpoint"])
+def test_halt_stops_qemu_after_the_snapshot(short_tmp: Path, memory: bool) -> None:
+    """``--halt``: the snapshot is taken, then QEMU quits (the VM is off, nothing paused is
+    left behind).  Reverting the checkpoint starts QEMU again from its config; the disk-only
+    snapshot reverts the disks of the VM that stays off."""
+    disks = make_disks(short_tmp, list(DISKS))
+
+    async def scenario() -> None:
+        async with await VM.launch(firmware_config(disks), state_dir=short_tmp / "state") as vm:
+            io = Live(vm)
+            await io.write(P1)
+            assert vm.machine is not None
+            process = vm.machine.pid
+            mem = str(short_tmp / "h1.mem") if memory else None
+            snap = await vm.create("h1", disk_only=not memory, memory_file=mem, halt=True)
+            assert vm.monitor is None and not vm.live
+            assert process is not None and not os.path.exists(f"/proc/{process}")
+            assert snap.vm_state is VMState.RUNNING and [s.name for s in vm.snapshots()] == ["h1"]
+            await vm.revert("h1")
+            assert vm.live is memory
+            if memory:
+                assert (await vm.run_state()) is VMState.RUNNING
+                await io.expect(P1)
+            else:
+                await Cold(vm).expect(P1)
+
+    asyncio.run(scenario())
