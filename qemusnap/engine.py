@@ -1027,8 +1027,9 @@ class VM:
 
         Everything else (overlay nodes, the memory file and its fd, migration settings) was
         prepared before the pause.  With ``live`` (background-snapshot) QEMU restarts the
-        guest by itself right after the migration setup: the pause does not depend on the
-        RAM size.  Without it, the guest stays stopped for the whole RAM write.
+        guest by itself right after the migration setup: the pause is short, and does not
+        grow with RAM size when guest RAM is on huge pages (:mod:`qemusnap.hostmem`).
+        Without it, the guest stays stopped for the whole RAM write.
         """
         assert self.monitor is not None
         if live:
