@@ -20,11 +20,12 @@ import contextlib
 import json
 import logging
 import random
-from collections.abc import AsyncIterator, Coroutine, Mapping, Sequence
-from typing import Any, Final, TypeVar
+from collections.abc import AsyncIterator, Mapping, Sequence
+from typing import Any, Final
 
 import attrs
 
+from .aio import deadline, shielded
 from .errors import GuestAgentError, OperationTimeout
 
 __all__ = [
@@ -46,7 +47,6 @@ THAW_TIMEOUT: Final = 10.0
 # guest-exec-status may carry up to 16 MiB of output per stream, base64-encoded.
 _READ_LIMIT: Final = 64 * 1024 * 1024
 _SENTINEL: Final = b"\xff"
-_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -60,35 +60,6 @@ class ExecResult:
     stdout: bytes
     stderr: bytes
     truncated: bool = False  # the agent cut the captured output (16 MiB per stream)
-
-
-@contextlib.asynccontextmanager
-async def _deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
-    """Bound the block by ``timeout`` seconds (None: no bound); expiry -> OperationTimeout."""
-    try:
-        async with asyncio.timeout(timeout) as scope:
-            yield
-    except TimeoutError:
-        if scope.expired():
-            raise OperationTimeout(f"{what} did not finish within {timeout:g} s") from None
-        raise
-
-
-async def _shielded(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` to its end even if the caller is cancelled meanwhile (then re-raise
-    CancelledError); cleanup such as a thaw is bounded by its own deadline instead."""
-    task = asyncio.ensure_future(coro)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cleanup failed while cancelled: %s", task.exception())
-        raise asyncio.CancelledError
-    return task.result()
 
 
 class GuestAgent:
@@ -121,7 +92,7 @@ class GuestAgent:
 
     async def _connect(self) -> None:
         try:
-            async with _deadline(self.timeout, f"connecting to the guest agent at {self.path}"):
+            async with deadline(self.timeout, f"connecting to the guest agent at {self.path}"):
                 await self._open()
         except BaseException:
             await self.close()
@@ -217,7 +188,7 @@ class GuestAgent:
         request: dict[str, object] = {"execute": command}
         if arguments is not None:
             request["arguments"] = dict(arguments)
-        async with _deadline(timeout, f"guest agent command {command}"), self._lock:
+        async with deadline(timeout, f"guest agent command {command}"), self._lock:
             if self._closed:
                 raise GuestAgentError(f"the guest agent connection is closed ({command} not sent)")
             if self._reader is None:
@@ -293,7 +264,7 @@ class GuestAgent:
         On timeout the program keeps running in the guest (the agent cannot kill it).
         """
         arguments = {"path": path, "arg": list(args), "capture-output": capture}
-        async with _deadline(timeout, f"guest-exec {path}"):
+        async with deadline(timeout, f"guest-exec {path}"):
             started = await self.execute("guest-exec", arguments, timeout=None)
             pid = started["pid"]
             delay = 0.005
@@ -322,7 +293,7 @@ async def _thaw(agent: GuestAgent, timeout: float) -> int:
 
 async def _thaw_after_failure(agent: GuestAgent, timeout: float, exc: BaseException) -> None:
     try:
-        await _shielded(_thaw(agent, timeout))
+        await shielded(_thaw(agent, timeout))
     except Exception as thaw_exc:
         log.warning("guest filesystems may still be frozen: thaw failed: %s", thaw_exc)
         exc.add_note(f"guest filesystems may still be frozen: thaw failed: {thaw_exc}")
@@ -354,6 +325,6 @@ async def frozen(
         await _thaw_after_failure(agent, thaw_timeout, exc)
         raise
     try:
-        await _shielded(_thaw(agent, thaw_timeout))
+        await shielded(_thaw(agent, thaw_timeout))
     except (GuestAgentError, OperationTimeout) as exc:
         raise GuestAgentError(f"guest filesystems may still be frozen: thaw failed: {exc}") from exc

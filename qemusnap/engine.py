@@ -29,6 +29,7 @@ import attrs
 
 from . import agent as agent_mod
 from . import hostmem, process
+from .aio import deadline
 from .errors import (
     CommandError,
     DiskNotFoundError,
@@ -93,19 +94,6 @@ LOCK_TIMEOUT = float(os.environ.get("QEMUSNAP_LOCK_TIMEOUT", "30"))
 QUIESCE_TIMEOUT = 10.0
 RECOVERY_TIMEOUT = 120.0
 _job_numbers = itertools.count(1)
-
-
-@contextlib.asynccontextmanager
-async def _deadline(seconds: float, what: str) -> AsyncIterator[None]:
-    """``asyncio.timeout`` whose expiry is an :class:`OperationTimeout` naming the operation
-    (the rollback of a journaled step still runs: it is shielded)."""
-    try:
-        async with asyncio.timeout(seconds):
-            yield
-    except TimeoutError as exc:
-        if isinstance(exc, OperationTimeout):
-            raise
-        raise OperationTimeout(f"{what} did not finish within {seconds:g} s") from exc
 
 
 def _job_id(kind: str) -> str:
@@ -439,7 +427,7 @@ class VM:
     async def recover(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         """Finish or roll back whatever an interrupted qemusnap left (also done by every
         operation before it starts)."""
-        async with _deadline(timeout, "recover"), self._operation("recover"):
+        async with deadline(timeout, "recover"), self._operation("recover"):
             pass
 
     async def _recover_entry(
@@ -656,7 +644,7 @@ class VM:
         self._check_create_flags(
             external, with_memory, internal, memory_file, live, quiesce, overlays, reuse_external
         )
-        async with _deadline(timeout, f"create {name}"), self._operation(f"create {name}"):
+        async with deadline(timeout, f"create {name}"), self._operation(f"create {name}"):
             if self.store.has_snapshot(self.record.id, name):
                 raise SnapshotExistsError(f"a snapshot named {name!r} exists already")
             disks = await self.disks()
@@ -1138,7 +1126,7 @@ class VM:
         if running and paused:
             raise UnsupportedError("--running and --paused exclude each other")
         requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
-        async with _deadline(timeout, f"revert {name}"), self._operation(f"revert {name}"):
+        async with deadline(timeout, f"revert {name}"), self._operation(f"revert {name}"):
             snap = self.tree().get(name)
             if self.live and not snap.is_checkpoint and not force:
                 raise UnsupportedError(
@@ -1453,7 +1441,7 @@ class VM:
         path = os.path.abspath(file)
         if os.path.lexists(path):
             raise TargetExistsError(f"{path} exists already (it is never overwritten)")
-        async with _deadline(timeout, f"save {path}"), self._operation(f"save {path}"):
+        async with deadline(timeout, f"save {path}"), self._operation(f"save {path}"):
             await self._prepare_restart({})  # restore must be possible: refuse now if not
             vm_state = await self.run_state()
             disks = await self.disks()
@@ -1498,7 +1486,7 @@ class VM:
         path = os.path.abspath(file)
         if not os.path.exists(path):
             raise DiskNotFoundError(f"no such saved state: {file}")
-        async with _deadline(timeout, f"restore {path}"), self._operation(f"restore {path}"):
+        async with deadline(timeout, f"restore {path}"), self._operation(f"restore {path}"):
             saved = self.store.vm(self.record.id).saved or {}
             if saved.get("file") not in (None, path):
                 log.warning("%s is not this VM's last save (%s)", path, saved.get("file"))
@@ -1532,7 +1520,7 @@ class VM:
         """
         if children and children_only:
             raise UnsupportedError("--children and --children-only exclude each other")
-        async with _deadline(timeout, f"delete {name}"), self._operation(f"delete {name}"):
+        async with deadline(timeout, f"delete {name}"), self._operation(f"delete {name}"):
             tree = self.tree()
             plan = plan_delete(tree, name, children=children, children_only=children_only,
                                metadata_only=metadata_only)  # fmt: skip

@@ -36,6 +36,7 @@ from typing import Any, TypeVar
 import attrs
 
 from .agent import ExecResult, GuestAgent
+from .aio import shielded
 from .engine import DEFAULT_TIMEOUT, VM
 from .errors import (
     GuestAgentError,
@@ -152,28 +153,11 @@ async def restore_point(
         yield snapshot
     except BaseException as exc:
         try:
-            await _shielded(reset(vm, name, timeout=timeout))
+            await shielded(reset(vm, name, timeout=timeout))
         except Exception as revert_exc:
             exc.add_note(f"qemusnap: reverting to {name!r} failed too: {revert_exc}")
         raise
-    await _shielded(reset(vm, name, timeout=timeout))
-
-
-async def _shielded(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` to its end even if the caller is cancelled meanwhile (then re-raise
-    CancelledError once it is done); ``coro`` must bound itself with a deadline."""
-    task = asyncio.ensure_future(coro)
-    cancelled = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            cancelled = True
-    if cancelled:
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("revert failed while cancelled: %s", task.exception())
-        raise asyncio.CancelledError
-    return task.result()
+    await shielded(reset(vm, name, timeout=timeout))
 
 
 # --- synchronous use ----------------------------------------------------------------------------

@@ -22,7 +22,7 @@ import os
 import socket
 import struct
 from collections.abc import AsyncIterator, Callable, Coroutine, Mapping
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 import attrs
 from qemu.qmp import (
@@ -40,6 +40,7 @@ from qemu.qmp.events import ListenerError
 from qemu.qmp.qmp_client import GreetingError, NegotiationError
 from qemu.qmp.util import flush
 
+from .aio import deadline, shielded
 from .errors import CommandError, JobError, MonitorConnectError, MonitorError, OperationTimeout
 from .models import Disk
 
@@ -75,7 +76,6 @@ _BLOCK_JOB_EVENTS: Final = (
 Event = dict[str, Any]
 EventPredicate = Callable[[Event], bool]
 Progress = Callable[[int, int], None]
-_T = TypeVar("_T")
 
 
 @attrs.frozen
@@ -89,40 +89,6 @@ class RunStatus:
 # --- helpers --------------------------------------------------------------------------------
 
 
-@contextlib.asynccontextmanager
-async def _deadline(timeout: float | None, what: str) -> AsyncIterator[None]:
-    """Bound the block by ``timeout`` seconds (None: no bound); expiry -> OperationTimeout."""
-    try:
-        async with asyncio.timeout(timeout) as scope:
-            yield
-    except TimeoutError:
-        # Only our own expiry is translated; an inner OperationTimeout passes through as is.
-        if scope.expired():
-            raise OperationTimeout(f"{what} did not finish within {timeout:g} s") from None
-        raise
-
-
-async def _shielded(coro: Coroutine[Any, Any, _T]) -> _T:
-    """Run ``coro`` to its end even if the caller is cancelled meanwhile.
-
-    Cleanup (cancelling a job, thawing a guest) must not be cut short by a second cancellation;
-    it is bounded by its own deadline instead. If the caller was cancelled, CancelledError is
-    raised once the cleanup has finished.
-    """
-    task = asyncio.ensure_future(coro)
-    interrupted = False
-    while not task.done():
-        try:
-            await asyncio.wait({task})
-        except asyncio.CancelledError:
-            interrupted = True
-    if interrupted:
-        if not task.cancelled() and task.exception() is not None:
-            log.warning("cleanup failed while cancelled: %s", task.exception())
-        raise asyncio.CancelledError
-    return task.result()
-
-
 async def _best_effort(coro: Coroutine[Any, Any, None], timeout: float, what: str) -> None:
     """Shielded cleanup with its own deadline; failures are logged, never raised."""
 
@@ -133,7 +99,7 @@ async def _best_effort(coro: Coroutine[Any, Any, None], timeout: float, what: st
         except Exception as exc:
             log.warning("%s failed: %s", what, exc or type(exc).__name__)
 
-    await _shielded(guarded())
+    await shielded(guarded())
 
 
 def _short(value: object, limit: int = 2000) -> str:
@@ -239,7 +205,7 @@ class EventWaiter:
         :raise MonitorError: the QMP connection closed first.
         """
         what = name or "/".join(sorted(self.names)) or "QMP"
-        async with _deadline(timeout, f"waiting for a {what} event"):
+        async with deadline(timeout, f"waiting for a {what} event"):
             while True:
                 for index, event in enumerate(self._events):
                     if (name is None or event["event"] == name) and (
@@ -405,7 +371,7 @@ class Monitor:
                 # disconnect() re-raises what ended the reader (EOFError when QEMU hung up).
                 log.debug("%s: disconnect: %r", self.label, exc)
 
-        await _shielded(disconnect())
+        await shielded(disconnect())
 
     @property
     def connected(self) -> bool:
@@ -457,7 +423,7 @@ class Monitor:
         """
         log.debug("%s: -> %s %s", self.label, command, _short(arguments) if arguments else "")
         try:
-            async with _deadline(timeout, f"QMP {command}"):
+            async with deadline(timeout, f"QMP {command}"):
                 reply = await self._client.execute(command, arguments)
         except ExecuteError as exc:
             log.debug("%s: <- %s error: %s", self.label, command, exc)
@@ -506,7 +472,7 @@ class Monitor:
 
         The caller keeps (and must close) its own ``fd``.
         """
-        async with _deadline(timeout, f"passing fd {fdname!r}"), self._fd_lock:
+        async with deadline(timeout, f"passing fd {fdname!r}"), self._fd_lock:
             # QEMU keeps the last fd that arrived with any byte on the monitor socket and gives
             # it to the next getfd; the lock keeps each send/getfd pair together.
             try:
@@ -549,7 +515,7 @@ class Monitor:
             started = True  # until QEMU refuses it, a job of that id may exist
             finished = False
             try:
-                async with _deadline(timeout, f"{command} job {job_id!r}"):
+                async with deadline(timeout, f"{command} job {job_id!r}"):
                     try:
                         await self.execute(command, args, timeout=None)
                     except CommandError:
@@ -609,7 +575,7 @@ class Monitor:
             started = True
             finished = False
             try:
-                async with _deadline(timeout, f"{command} job {job_id!r}"):
+                async with deadline(timeout, f"{command} job {job_id!r}"):
                     try:
                         await self.execute(command, args, timeout=None)
                     except CommandError:
@@ -736,7 +702,7 @@ class Monitor:
         E.g. after a migration to a file completes, ``cont`` fails with "Migration is not
         finalized yet" while the VM is still in ``finish-migrate``.
         """
-        async with _deadline(timeout, f"leaving run state {status!r}"):
+        async with deadline(timeout, f"leaving run state {status!r}"):
             while True:
                 current = await self.query_status(timeout=None)
                 if current.status != status:
