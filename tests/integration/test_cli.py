@@ -217,6 +217,24 @@ async def _with_monitor(sock: Path, action: object) -> object:
         return await action(monitor)  # type: ignore[operator]
 
 
+def _start_foreign_qemu(disk: Path, sock: Path, *extra: str) -> subprocess.Popen[bytes]:
+    """A firmware-only QEMU launched "by someone else" (``disk`` as virtio ``vda``, QMP on the
+    socket path ``sock``); returns once the socket exists."""
+    proc = subprocess.Popen(
+        ["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
+         *extra,
+         "-drive", f"file={disk},if=none,id=drive0,format=qcow2",
+         "-device", "virtio-blk-pci,drive=drive0,id=vda",
+         "-qmp", f"unix:{sock},server=on,wait=off"],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    for _ in range(200):
+        if sock.exists():
+            break
+        time.sleep(0.05)
+    return proc
+
+
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
 def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
@@ -228,20 +246,9 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
 
     (disk,) = make_disks(short_tmp, ["vda"])
     sock, serial, state = short_tmp / "qmp.sock", short_tmp / "serial.log", short_tmp / "state"
-    proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-         "-name", "foreign-vm", "-serial", f"file:{serial}",
-         "-drive", f"file={disk},if=none,id=drive0,format=qcow2",
-         "-device", "virtio-blk-pci,drive=drive0,id=vda",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = _start_foreign_qemu(disk, sock, "-name", "foreign-vm", "-serial", f"file:{serial}")
     new_pid = None
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
         asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x61)))
         created = run_json("--qmp", sock, "create", "e1", "--disk-only", state=state)
         assert created["kind"] == "external"  # type: ignore[index]
@@ -291,19 +298,9 @@ def test_cold_revert_of_a_checkpoint_starts_qemu_again(short_tmp: Path) -> None:
 
     (disk,) = make_disks(short_tmp, ["vda"])
     sock, state = short_tmp / "qmp.sock", short_tmp / "state"
-    proc = subprocess.Popen(
-        ["qemu-system-x86_64", "-accel", "tcg", "-nodefaults", "-display", "none", "-m", "64",
-         "-drive", f"file={disk},if=none,id=drive0,format=qcow2",
-         "-device", "virtio-blk-pci,drive=drive0,id=vda",
-         "-qmp", f"unix:{sock},server=on,wait=off"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )  # fmt: skip
+    proc = _start_foreign_qemu(disk, sock)
     new_pid = None
     try:
-        for _ in range(200):
-            if sock.exists():
-                break
-            time.sleep(0.05)
         asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x71)))
         run_json("--qmp", sock, "create", "c1", state=state)
         asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x72)))
