@@ -12,8 +12,12 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from crashrig import Rig
 
 ROOT = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("QEMUSNAP_GUEST_DIR", ROOT / ".cache" / "test-guest"))
@@ -46,3 +50,15 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def rig(short_tmp: Path) -> Iterator[Rig]:
+    """The crash tests' VM of two disks (tests/crashrig.py), its QEMUs killed at the end."""
+    from crashrig import Rig
+
+    rig = Rig(short_tmp)
+    try:
+        yield rig
+    finally:
+        rig.close()

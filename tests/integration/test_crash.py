@@ -29,7 +29,6 @@ import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 
 import pytest
 from crashrig import (
@@ -233,15 +232,6 @@ def test_every_crash_point_has_a_case() -> None:
     assert covered == every
     for v in VARIANTS:
         assert all(s == ALL or s in CRASH_POINTS[v.operation] for s in v.passes)
-
-
-@pytest.fixture
-def rig(short_tmp: Path) -> Iterator[Rig]:
-    rig = Rig(short_tmp)
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 @pytest.mark.parametrize(("variant", "step"), list(_cases()))

@@ -15,7 +15,6 @@ grows past a threshold while the CLI (holding QMP) waits for the job.
 from __future__ import annotations
 
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,15 +35,6 @@ from qemusnap.monitor import Monitor
 pytestmark = [pytest.mark.qemu_system, pytest.mark.qemu_img]
 
 P1, P2, P3, P4 = 0x11, 0x22, 0x33, 0x44
-
-
-@pytest.fixture
-def rig(short_tmp: Path) -> Iterator[Rig]:
-    rig = Rig(short_tmp)
-    try:
-        yield rig
-    finally:
-        rig.close()
 
 
 def reconcile(rig: Rig, *selector: str) -> dict[str, dict[str, object]]:
