@@ -1,0 +1,199 @@
+"""Restarting QEMU: how this VM's QEMU is started again on moved disks (a relaunch hook, the
+:class:`~qemusnap.machine.Machine` qemusnap owns, or the recorded command line with its image
+paths rewritten), how it is stopped, and how a restart an interrupted operation left half-done
+is finished or undone (for revert and restore, which journal the same keys).
+
+The journal data a restarting operation writes (``revert`` and ``restore`` entries):
+``overlays`` (disk name -> new image), ``old`` (the images left behind), ``target`` (run state
+wanted), ``memory`` (a memory file is to be loaded), and the progress marks ``stopped``
+(QEMU was quit), ``started`` (the new QEMU runs), ``loading``/``loaded`` (snapshot-load).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any
+
+import attrs
+
+from ..errors import OperationError, OperationTimeout, UnsupportedError
+from ..machine import Machine, RecordedLaunch, image_paths_in_argv, relaunch, wait_pid_exit
+from ..models import VMState
+from ..tree import SnapshotTree
+from .context import DEFAULT_TIMEOUT, Context, Starter
+from .journal import Journal
+from .shared import (
+    adopt_disks,
+    delete_internal_tags,
+    discard_abandoned,
+    disks,
+    load_internal,
+    remove_created,
+    settle,
+)
+
+
+def knows_launch(ctx: Context) -> bool:
+    """Whether qemusnap can start this VM's QEMU (see :func:`prepare_restart`)."""
+    launch = ctx.store.vm(ctx.record.id).launch
+    return bool(
+        ctx.relaunch_hook is not None or ctx.machine is not None or (launch and "argv" in launch)
+    )
+
+
+async def prepare_restart(ctx: Context, new_files: dict[str, str]) -> Starter:
+    """How to start this VM again with disks moved to ``new_files`` (disk name -> image).
+
+    Everything that can be refused is refused here, *before* anything is stopped.
+
+    A disk not in ``new_files`` restarts on the image it runs on now: the recorded command
+    line (or the machine's config) names the image QEMU was started with, which a later
+    external snapshot may have frozen under an overlay; starting on it would lose the
+    overlay's data and write into a snapshot's image.
+    """
+    moved = dict(new_files)
+    new_files = {d.name: d.file for d in await disks(ctx)} | moved
+    if ctx.relaunch_hook is not None:
+        hook = ctx.relaunch_hook
+
+        async def by_hook(incoming: bool) -> None:
+            ctx.monitor = await hook(dict(new_files), incoming)
+
+        return by_hook
+    if ctx.machine is not None:
+        machine = ctx.machine
+        config = attrs.evolve(
+            machine.config,
+            drives=tuple(
+                attrs.evolve(d, file=new_files.get(d.id, d.file)) for d in machine.config.drives
+            ),
+        )
+
+        async def by_machine(incoming: bool) -> None:
+            ctx.machine = Machine(config, paused=True, incoming=incoming)
+            await ctx.machine.launch()
+            ctx.monitor = ctx.machine.monitor
+
+        return by_machine
+    recorded = ctx.store.vm(ctx.record.id).launch
+    if not recorded or "argv" not in recorded:
+        raise UnsupportedError(
+            "cannot start this VM's QEMU: its command line is unknown (attach once with"
+            " --qmp SOCKET while it runs, or pass a relaunch hook)"
+        )
+    launch = RecordedLaunch.from_json(recorded)
+    launch = launch.with_disks(await argv_replacements(ctx, launch, new_files, moved))
+    log_file = ctx.store.memory_dir(ctx.record.id).parent / "qemu.log"
+
+    async def by_command_line(incoming: bool) -> None:
+        _, ctx.monitor = await relaunch(launch, incoming=incoming, log_file=log_file)
+        ctx.store.set_vm_info(ctx.record.id, launch=launch.to_json())
+
+    return by_command_line
+
+
+async def argv_replacements(
+    ctx: Context, launch: RecordedLaunch, new_files: dict[str, str], moved: Iterable[str] = ()
+) -> dict[str, str]:
+    """Which path of the recorded command line each disk's new image replaces.
+
+    The command line names an image of each disk's backing chain (the original base, if
+    external snapshots came later): exactly one, or qemusnap cannot tell what to replace
+    (an error for the disks in ``moved``; the others then keep their argument as is).
+    """
+    named = [p for p in image_paths_in_argv(launch.argv, launch.cwd) if os.path.exists(p)]
+    replace: dict[str, str] = {}
+    for disk in await disks(ctx):
+        if disk.name not in new_files:
+            continue
+        chain = await ctx.qemu_img.chain(disk.name, disk.file, force_share=True)
+        files = {image.filename for image in chain.images}
+        hits = [p for p in named if p in files]
+        if len(hits) != 1 and disk.name not in moved:
+            continue
+        if len(hits) != 1:
+            raise UnsupportedError(
+                f"cannot restart QEMU with disk {disk.name} moved: its command line names"
+                f" {len(hits)} images of that disk's chain (use a relaunch hook)"
+            )
+        replace[hits[0]] = new_files[disk.name]
+    return replace
+
+
+async def stop_qemu(ctx: Context) -> None:
+    """``quit`` QEMU and wait until its process is gone (its images unlocked)."""
+    assert ctx.monitor is not None
+    if ctx.machine is not None:
+        await ctx.machine.shutdown()
+    else:
+        pid = ctx.monitor.peer_pid()
+        await ctx.monitor.quit()
+        await ctx.monitor.close()
+        if pid is not None and not await wait_pid_exit(pid, 30.0):
+            raise OperationTimeout(f"QEMU (pid {pid}) did not exit after quit")
+    ctx.monitor = None
+
+
+# --- recovery of a restart --------------------------------------------------------------------
+
+#: A step to redo before QEMU is started again by a recovery (e.g. the cold part of an
+#: internal revert); gets the journal data.
+BeforeStart = Callable[[Context, dict[str, Any]], Awaitable[None]]
+
+
+async def recover_restart(
+    ctx: Context, data: dict[str, Any], journal: Journal, before_start: BeforeStart | None = None
+) -> None:
+    """A revert (or restore), which may have restarted QEMU.
+
+    * QEMU runs on the new overlays (restarted, or a revert in place that loaded its
+      snapshot): finish it (memory state, snapshot-load, run state), record the disks and
+      "current", remove the images the revert abandoned.
+    * The operation had stopped QEMU and none runs now: the old running state is lost
+      anyway, so the revert is finished: QEMU is started on the new overlays (roll
+      forward), then as above.
+    * Otherwise (QEMU still runs on the old disks, or a cold revert): the new overlays
+      are removed and the old disks kept.
+    """
+    overlays: dict[str, str] = data.get("overlays", {})
+    if ctx.monitor is None and data.get("stopped"):
+        if before_start is not None:
+            await before_start(ctx, data)
+        start = await prepare_restart(ctx, overlays)
+        await start(bool(data.get("memory")))
+        journal.update(started=True)  # a recovery interrupted now finds it started
+        data["started"] = True
+    if ctx.monitor is not None and (data.get("started") or data.get("loading")):
+        now = await ctx.monitor.disks()
+        if all(d.file == overlays.get(d.name, d.file) for d in now):
+            await finish_start(ctx, data)
+            adopt_disks(ctx, now, overlays, owned=overlays.values())
+            if data.get("name"):
+                ctx.store.set_current(ctx.record.id, data["name"])
+            discard_abandoned(ctx, data.get("old", []))
+            return
+    in_use = {d.file for d in await disks(ctx)} if ctx.monitor is not None else set()
+    remove_created(ctx, [p for p in overlays.values() if p not in in_use])
+
+
+async def finish_start(ctx: Context, data: dict[str, Any]) -> None:
+    """A restarted QEMU the interrupted operation left waiting: load its memory state
+    (``-incoming defer``) or its internal checkpoint (``snapshot-load``, still to do if
+    not journaled as done), then settle the run state the operation wanted."""
+    assert ctx.monitor is not None
+    status = (await ctx.monitor.query_status()).status
+    name = data.get("name")
+    target = VMState(data["target"]) if data.get("target") else None
+    if status == "inmigrate":
+        snap = SnapshotTree.of(ctx.store.snapshots(ctx.record.id)).get(name) if name else None
+        memory = snap.memory_file if snap else data.get("file")
+        if memory is None:
+            raise OperationError("a restarted QEMU waits for memory state nobody knows")
+        await ctx.memory.load(ctx.monitor, memory, timeout=DEFAULT_TIMEOUT)
+        target = target or (snap.vm_state if snap else VMState.RUNNING)
+    elif data.get("load") and not data.get("loaded"):
+        await load_internal(ctx, data["name"], data["holders"])
+        await delete_internal_tags(ctx, data["name"], list(data.get("overlays", {}).values()))
+    if target is not None or status in ("inmigrate", "prelaunch"):
+        await settle(ctx, target or VMState.RUNNING)

@@ -1,0 +1,256 @@
+"""Revert: bring the VM back to a snapshot (SPEC "Revert"), and its recovery.
+
+Internal snapshot (journal ``revert``: ``name``, ``overlays`` (disk -> clone), ``old``,
+``target``, ``holders``, ``apply``, ``load``):
+
+1. journaled; an image a later external snapshot froze is cloned first, and the clone
+   reverted (``overlays-made``);
+2. if QEMU must restart (a clone, or disks reverted under a running VM): QEMU is quit
+   (``stopped``);
+3. not in place: ``qemu-img snapshot -a`` on each holder, the tag removed from the clones;
+4. QEMU started again, paused (``started``);
+5. in place: ``snapshot-load`` (``loading`` before, ``loaded`` after);
+6. the run state wanted, the disks' new images recorded, abandoned images removed.
+
+External snapshot (journal ``revert``: ``name``, ``overlays`` (disk -> fresh overlay on the
+snapshot's image), ``old``, ``target``, ``memory``): overlays made (``overlays-made``), QEMU
+quit (``stopped``) and started on them (``started``, ``-incoming defer`` for a checkpoint),
+memory state loaded, run state settled, disks recorded.
+
+Killed halfway, :func:`recover_revert` decides by how far it got (see
+:func:`qemusnap.engine.restart.recover_restart`): QEMU already stopped, or already running on
+the new images, the revert is finished (QEMU started, memory or snapshot-load done, run state,
+records); QEMU still on the old images (or a cold revert not yet recorded), the new images are
+removed and the VM is as before.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from .. import process
+from ..aio import deadline
+from ..errors import DiskNotFoundError, UnsupportedError
+from ..models import Disk, DiskSnapshotKind, MemoryKind, Snapshot, SnapshotKind, VMState
+from ..plan import overlay_path
+from ..tree import SnapshotTree
+from .context import DEFAULT_TIMEOUT, Context, log
+from .journal import Journal, journaled, operation, recovers
+from .restart import knows_launch, prepare_restart, recover_restart, stop_qemu
+from .shared import (
+    adopt_disks,
+    delete_internal_tags,
+    discard_abandoned,
+    image_format,
+    load_internal,
+    refuse_in_use,
+    settle,
+    tags,
+)
+from .shared import disks as current_disks
+
+
+async def revert(
+    ctx: Context,
+    name: str,
+    *,
+    running: bool = False,
+    paused: bool = False,
+    force: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Snapshot:
+    """Bring the VM back to snapshot ``name`` (see :meth:`qemusnap.VM.revert`)."""
+    if running and paused:
+        raise UnsupportedError("--running and --paused exclude each other")
+    requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
+    async with deadline(timeout, f"revert {name}"), operation(ctx, f"revert {name}"):
+        snap = _tree(ctx).get(name)
+        if ctx.live and not snap.is_checkpoint and not force:
+            raise UnsupportedError(
+                f"{name} is a disk-only snapshot: reverting a running VM to it restarts"
+                " QEMU and loses its current running state; add --force"
+            )
+        disks = await current_disks(ctx)
+        if snap.kind is SnapshotKind.INTERNAL:
+            await revert_internal(ctx, snap, disks, requested)
+        else:
+            await revert_external(ctx, snap, disks, requested)
+        ctx.store.set_current(ctx.record.id, name)
+    return _tree(ctx).get(name)
+
+
+def _tree(ctx: Context) -> SnapshotTree:
+    return SnapshotTree.of(ctx.store.snapshots(ctx.record.id))
+
+
+def targets(snap: Snapshot, disks: Sequence[Disk]) -> list[tuple[Disk, str]]:
+    """(disk now, image holding the snapshot's data) for each disk the snapshot covers."""
+    by_name = {d.name: d for d in disks}
+    return [
+        (by_name[d.name], d.file)
+        for d in snap.disks
+        if d.snapshot is not DiskSnapshotKind.EXCLUDED and d.file and d.name in by_name
+    ]
+
+
+async def revert_internal(
+    ctx: Context, snap: Snapshot, disks: Sequence[Disk], requested: VMState | None
+) -> None:
+    """In place where the image holding the snapshot is still the disk's active image: a
+    checkpoint with ``snapshot-load`` (same QEMU), disks with ``qemu-img snapshot -a``.
+
+    An image a later external snapshot froze must not change (that snapshot reads it), so
+    it is cloned first and the clone reverted: a new branch, like any external revert.
+    """
+    covered = targets(snap, disks)
+    clones: dict[str, str] = {}
+    for disk, file in covered:
+        if file != disk.file:
+            base = (await ctx.qemu_img.chain(disk.name, file, force_share=True)).base
+            clones[disk.name] = overlay_path(file, base.filename, snap.name)
+    live = ctx.monitor is not None
+    # Cold, a checkpoint comes back in the run state it was taken in when qemusnap knows
+    # how to start the VM: QEMU starts paused (-S) and loads it in place.
+    can_start = not live and snap.memory is MemoryKind.INTERNAL and knows_launch(ctx)
+    in_place = snap.memory is MemoryKind.INTERNAL and (live or can_start)
+    start = None
+    if (live and (clones or not in_place)) or can_start:
+        start = await prepare_restart(ctx, clones)
+    if ctx.monitor is None:
+        await refuse_in_use(ctx, disks, "use --qmp SOCKET to revert it live")
+    old = [d.file for d in disks]
+    holders = [clones.get(disk.name, disk.file) for disk, _ in covered]
+    target = requested or (snap.vm_state if in_place else VMState.RUNNING)
+    # Recovery finishes a revert whose QEMU is already gone (stopped) or restarted: it must
+    # know what is left to do (``qemu-img snapshot -a`` on the holders, or a snapshot-load
+    # in the new QEMU), the run state wanted, and the images the revert abandons.
+    async with journaled(
+        ctx, "revert", name=snap.name, overlays=clones, old=old, target=str(target),
+        holders=holders, apply=not in_place, load=in_place,
+    ) as journal:  # fmt: skip
+        for disk, file in covered:
+            if disk.name in clones:
+                await clone(ctx, file, clones[disk.name], keep_tag=snap.name)
+        journal.passed("overlays-made")
+        if start is not None and ctx.monitor is not None:
+            await stop_qemu(ctx)
+            journal.update(stopped=True)
+            journal.passed("stopped")
+        if not in_place:
+            for holder in holders:
+                await ctx.qemu_img.snapshot_apply(holder, snap.name)
+            await delete_internal_tags(ctx, snap.name, list(clones.values()))
+        if start is not None:
+            await start(False)
+            journal.update(started=True)
+            journal.passed("started")
+        if in_place:
+            # QEMU finishes a snapshot-load job even if we die: recovery (which waits for
+            # it) must then treat the revert as done, and loads again to be sure.
+            journal.update(loading=True)
+            await load_internal(ctx, snap.name, holders)
+            journal.update(loaded=True)
+            journal.passed("loaded")
+            await delete_internal_tags(ctx, snap.name, list(clones.values()))
+        if ctx.monitor is not None:
+            await settle(ctx, target)
+        if clones:
+            adopt_disks(ctx, disks, clones, owned=clones.values())
+    discard_abandoned(ctx, old)
+
+
+async def clone(ctx: Context, source: str, target: str, *, keep_tag: str) -> None:
+    """A private copy of a frozen image (sparse, reflinked where the filesystem can), with
+    only the internal snapshot ``keep_tag`` left in it."""
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    owner = ctx.owner
+    if owner is not None:
+        os.fchown(fd, *owner)
+    os.close(fd)
+    ctx.store.add_file(ctx.record.id, target, owned=True, role="overlay")
+    await process.run(
+        ["cp", "--sparse=always", "--reflink=auto", source, target], timeout=DEFAULT_TIMEOUT
+    )
+    for tag in await ctx.qemu_img.snapshot_list(target):
+        if tag.name != keep_tag:
+            await ctx.qemu_img.snapshot_delete(target, tag.name)
+
+
+async def revert_external(
+    ctx: Context, snap: Snapshot, disks: Sequence[Disk], requested: VMState | None
+) -> None:
+    """Fresh overlays on top of the snapshot's images (a branch: no image another snapshot
+    depends on is ever written); QEMU, if it runs or memory is to be loaded, is restarted on
+    them (``-incoming defer`` + the memory file for a checkpoint)."""
+    covered = targets(snap, disks)
+    overlays: dict[str, str] = {}
+    for disk, file in covered:
+        base = (await ctx.qemu_img.chain(disk.name, file, force_share=True)).base
+        overlays[disk.name] = overlay_path(file, base.filename, snap.name)
+    with_memory = snap.memory is MemoryKind.FILE
+    if with_memory and (snap.memory_file is None or not os.path.exists(snap.memory_file)):
+        raise DiskNotFoundError(f"memory file of {snap.name} is missing: {snap.memory_file}")
+    if with_memory and ctx.monitor is None and not knows_launch(ctx):
+        # Cold, and no way to start this VM: its disks are reverted, its memory stays in
+        # the file for a later revert once qemusnap knows the command line.
+        log.info("%s: QEMU's command line is unknown: reverting the disks only", snap.name)
+        with_memory = False
+    start = None
+    if ctx.monitor is not None or with_memory:
+        start = await prepare_restart(ctx, overlays)
+    else:
+        await refuse_in_use(ctx, disks, "use --qmp SOCKET to revert it live")
+    old = {d.name: d.file for d in disks}
+    target = requested or (snap.vm_state if with_memory else VMState.RUNNING)
+    async with journaled(
+        ctx, "revert", name=snap.name, overlays=overlays, old=list(old.values()),
+        target=str(target), memory=with_memory,
+    ) as journal:  # fmt: skip
+        for disk, file in covered:
+            await ctx.qemu_img.create(
+                overlays[disk.name],
+                backing=file,
+                backing_fmt=await image_format(ctx, file),
+                owner=ctx.owner,
+            )
+        journal.passed("overlays-made")
+        if start is not None:
+            if ctx.monitor is not None:
+                await stop_qemu(ctx)
+            journal.update(stopped=True)
+            journal.passed("stopped")
+            await start(with_memory)
+            journal.update(started=True)
+            journal.passed("started")
+            if with_memory:
+                assert ctx.monitor is not None and snap.memory_file is not None
+                await ctx.memory.load(ctx.monitor, snap.memory_file, timeout=DEFAULT_TIMEOUT)
+            await settle(ctx, target)
+        adopt_disks(ctx, disks, overlays, owned=overlays.values())
+    discard_abandoned(ctx, old.values())
+
+
+# --- recovery ---------------------------------------------------------------------------------
+
+
+@recovers("revert")
+async def recover_revert(ctx: Context, data: dict[str, Any], journal: Journal) -> None:
+    """Finish a revert that stopped or restarted QEMU, or remove the new images of one that
+    had not (see the module docstring); an internal revert whose QEMU was stopped first
+    redoes its cold part (:func:`reapply_internal`) before QEMU is started again."""
+    await recover_restart(ctx, data, journal, before_start=reapply_internal)
+
+
+async def reapply_internal(ctx: Context, data: dict[str, Any]) -> None:
+    """Redo the cold part of an internal revert that restarts QEMU: ``qemu-img snapshot
+    -a`` on each holder, then the tag removed from the clones.  A clone without the tag
+    was done already (the tag goes only after the apply); applying twice is harmless."""
+    if not data.get("apply"):
+        return
+    name = data["name"]
+    for holder in data.get("holders", []):
+        if os.path.exists(holder) and any(t.name == name for t in await tags(ctx, holder)):
+            await ctx.qemu_img.snapshot_apply(holder, name)
+    await delete_internal_tags(ctx, name, list(data.get("overlays", {}).values()))

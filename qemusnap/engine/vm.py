@@ -1,0 +1,421 @@
+"""The :class:`VM` facade: the handle callers hold.
+
+It opens a VM (:meth:`VM.attach`, :meth:`VM.launch`, :meth:`VM.cold`), answers the tree
+queries, and hands each operation to the room that owns it, with the VM's
+:class:`~qemusnap.engine.context.Context`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any, Literal
+
+from .. import agent as agent_mod
+from ..errors import ImageInUseError, UnsupportedError
+from ..machine import Machine, MachineConfig, RecordedLaunch
+from ..memory import FdTransport, Progress
+from ..models import Chain, CheckResult, Disk, Snapshot, VMState
+from ..monitor import Monitor, QMPClient
+from ..qemu_img import QemuImg
+from ..store import Store, VMRecord
+from ..tree import SnapshotTree
+from . import create, delete, journal, resets, revert, save_restore, shared
+from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook
+from .opening import cold_record, find_or_add_vm, wait_until_free
+
+
+class VM:
+    """One VM under qemusnap's care.  An async context manager; every coroutine has a timeout."""
+
+    def __init__(
+        self,
+        store: Store,
+        record: VMRecord,
+        *,
+        monitor: Monitor | None = None,
+        machine: Machine | None = None,
+        qmp_socket: str | None = None,
+        qga_socket: str | None = None,
+        relaunch_hook: RelaunchHook | None = None,
+        lock_timeout: float = LOCK_TIMEOUT,
+        qemu_img: QemuImg | None = None,
+    ) -> None:
+        self.ctx = Context(
+            store,
+            record,
+            monitor=monitor,
+            machine=machine,
+            qmp_socket=qmp_socket,
+            qga_socket=qga_socket,
+            relaunch_hook=relaunch_hook,
+            lock_timeout=lock_timeout,
+            qemu_img=qemu_img or QemuImg(),
+        )
+
+    # The context's parts, as attributes of the VM (a restart replaces monitor and machine).
+
+    @property
+    def store(self) -> Store:
+        return self.ctx.store
+
+    @property
+    def record(self) -> VMRecord:
+        return self.ctx.record
+
+    @property
+    def monitor(self) -> Monitor | None:
+        return self.ctx.monitor
+
+    @monitor.setter
+    def monitor(self, monitor: Monitor | None) -> None:
+        self.ctx.monitor = monitor
+
+    @property
+    def machine(self) -> Machine | None:
+        return self.ctx.machine
+
+    @machine.setter
+    def machine(self, machine: Machine | None) -> None:
+        self.ctx.machine = machine
+
+    @property
+    def qmp_socket(self) -> str | None:
+        return self.ctx.qmp_socket
+
+    @property
+    def qga_socket(self) -> str | None:
+        return self.ctx.qga_socket
+
+    @property
+    def relaunch_hook(self) -> RelaunchHook | None:
+        return self.ctx.relaunch_hook
+
+    @relaunch_hook.setter
+    def relaunch_hook(self, hook: RelaunchHook | None) -> None:
+        self.ctx.relaunch_hook = hook
+
+    @property
+    def lock_timeout(self) -> float:
+        return self.ctx.lock_timeout
+
+    @lock_timeout.setter
+    def lock_timeout(self, seconds: float) -> None:
+        self.ctx.lock_timeout = seconds
+
+    @property
+    def qemu_img(self) -> QemuImg:
+        return self.ctx.qemu_img
+
+    @property
+    def memory(self) -> FdTransport:
+        return self.ctx.memory
+
+    @property
+    def agent(self) -> agent_mod.GuestAgent | None:
+        """The guest-agent connection while the guest is quiesced (None otherwise)."""
+        return self.ctx.agent
+
+    # --- opening ------------------------------------------------------------------------------
+
+    @classmethod
+    async def attach(
+        cls,
+        qmp: str | Monitor | QMPClient,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        qga_socket: str | None = None,
+        relaunch_hook: RelaunchHook | None = None,
+        allow_other_user: bool = False,
+        timeout: float = 30.0,
+    ) -> VM:
+        """Open a running QEMU by its QMP socket path, a connected :class:`Monitor`, or a
+        connected ``qemu.qmp.QMPClient`` the caller keeps using.
+
+        QEMU serves one QMP client at a time: while another qemusnap operation holds this VM,
+        connecting would just hang, so its lock is awaited first (``BusyError`` after
+        ``$QEMUSNAP_LOCK_TIMEOUT``).  The command line of the process behind a socket path is
+        recorded (SO_PEERCRED, then ``/proc/PID/cmdline``) so a revert that must restart QEMU
+        can do so.  A QEMU owned by
+        another user is refused unless ``allow_other_user``: qemusnap would create files and
+        restart processes on that user's behalf.
+        """
+        if isinstance(qmp, str):
+            qmp = os.path.abspath(qmp)
+            await wait_until_free(state_dir, qmp)
+            monitor = await Monitor.connect(qmp, timeout=timeout)
+        elif isinstance(qmp, Monitor):
+            monitor = qmp
+        else:
+            monitor = Monitor.from_client(qmp)
+        owner = monitor.peer_uid()
+        if owner is not None and owner != os.getuid() and not allow_other_user:
+            await monitor.close()
+            raise UnsupportedError(
+                f"the QEMU behind {qmp} belongs to uid {owner}, not to you (uid {os.getuid()}):"
+                " refusing to drive it (--allow-other-user overrides)"
+            )
+        store = Store(state_dir)
+        try:
+            disks = await asyncio.wait_for(monitor.disks(), timeout)
+            record = await find_or_add_vm(store, disks)
+            launch: dict[str, Any] | None = None
+            if isinstance(qmp, str):
+                pid = monitor.peer_pid()
+                if pid is not None:
+                    launch = RecordedLaunch.of_pid(pid, os.path.abspath(qmp)).to_json()
+            store.set_vm_info(
+                record.id, qmp_socket=qmp if isinstance(qmp, str) else None, launch=launch
+            )
+            vm = cls(
+                store,
+                store.vm(record.id),
+                monitor=monitor,
+                qmp_socket=qmp if isinstance(qmp, str) else None,
+                qga_socket=qga_socket,
+                relaunch_hook=relaunch_hook,
+            )
+        except BaseException:
+            store.close()
+            if monitor is not qmp:
+                await monitor.close()
+            raise
+        return vm
+
+    @classmethod
+    async def launch(
+        cls,
+        config: MachineConfig,
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        paused: bool = False,
+        timeout: float = 60.0,
+    ) -> VM:
+        """Start a QEMU from ``config`` and open it; closing the VM shuts that QEMU down."""
+        machine = Machine(config, paused=paused, launch_timeout=timeout)
+        await machine.launch()
+        try:
+            vm = await cls.attach(
+                machine.monitor, state_dir=state_dir, qga_socket=config.qga_socket, timeout=timeout
+            )
+        except BaseException:
+            await machine.shutdown()
+            raise
+        vm.machine = machine
+        return vm
+
+    @classmethod
+    async def cold(
+        cls,
+        disks: Sequence[str] = (),
+        *,
+        state_dir: str | os.PathLike[str] | None = None,
+        relaunch_hook: RelaunchHook | None = None,
+        timeout: float = 60.0,
+    ) -> VM:
+        """Open the disk images of a VM that is not running.
+
+        A disk the state directory knows (any image of its chain, the original base included)
+        names its VM, whose disks then come from the store; with no disks, the state directory
+        must know exactly one VM.
+        """
+        store = Store(state_dir)
+        try:
+            record = await asyncio.wait_for(cold_record(store, disks), timeout)
+        except BaseException:
+            store.close()
+            raise
+        return cls(store, record, relaunch_hook=relaunch_hook)
+
+    async def close(self) -> None:
+        try:
+            if self.machine is not None:
+                await self.machine.shutdown()
+            elif self.monitor is not None:
+                await self.monitor.close()
+        finally:
+            self.store.close()
+
+    async def __aenter__(self) -> VM:
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await asyncio.shield(self.close())
+
+    @property
+    def live(self) -> bool:
+        return self.monitor is not None
+
+    # --- inspection ---------------------------------------------------------------------------
+
+    async def disks(self, *, timeout: float = 30.0) -> list[Disk]:
+        """The VM's writable disks now (live: from QEMU; cold: from the store)."""
+        return await shared.disks(self.ctx, timeout=timeout)
+
+    async def chains(self, disk: str | None = None, *, timeout: float = 60.0) -> list[Chain]:
+        """The backing chain of each disk (``-U`` when QEMU has it open), active first."""
+        disks = await self.disks(timeout=timeout)
+        if disk is not None:
+            disks = [shared.find_disk(disks, disk)]
+        return [
+            await self.qemu_img.chain(d.name, d.file, force_share=self.live, timeout=timeout)
+            for d in disks
+        ]
+
+    async def check(
+        self, repair: Literal["leaks", "all"] | None = None, *, timeout: float = 600.0
+    ) -> list[CheckResult]:
+        """``qemu-img check`` of every image of every chain.  Repair writes, so it is refused on
+        images a running QEMU holds (SPEC safety rule 2)."""
+        if repair is not None and self.live:
+            raise ImageInUseError(
+                "cannot repair images a running QEMU holds: stop the VM, then run check"
+                " --repair with --disk"
+            )
+        if self.monitor is not None:
+            # QEMU caches qcow2 metadata (refcounts, L2 tables): without a flush, a check -U of
+            # a busy image reports clusters as leaked that QEMU simply has not written back yet.
+            for disk in await self.monitor.disks():
+                if disk.device and not disk.read_only:
+                    await self.monitor.qemu_io(disk.device, "flush")
+        results: list[CheckResult] = []
+        seen: set[str] = set()
+        for chain in await self.chains(timeout=timeout):
+            for image in chain.images:
+                if image.filename in seen:
+                    continue
+                seen.add(image.filename)
+                if repair is not None and await self.qemu_img.image_in_use(
+                    image.filename, for_write=True
+                ):
+                    raise ImageInUseError(
+                        f"cannot repair {image.filename}: a running QEMU has it open"
+                    )
+                results.append(
+                    await self.qemu_img.check(
+                        image.filename, repair=repair, force_share=self.live, timeout=timeout
+                    )
+                )
+        return results
+
+    def tree(self) -> SnapshotTree:
+        return SnapshotTree.of(self.store.snapshots(self.record.id))
+
+    def snapshots(self) -> list[Snapshot]:
+        return list(self.tree())
+
+    def info(self, name: str) -> Snapshot:
+        return self.tree().get(name)
+
+    def current(self) -> Snapshot | None:
+        return self.tree().current
+
+    def parent(self, name: str) -> Snapshot | None:
+        snap = self.tree().get(name)
+        return self.tree().get(snap.parent) if snap.parent else None
+
+    async def run_state(self, *, timeout: float = 10.0) -> VMState:
+        return await shared.run_state(self.ctx, timeout=timeout)
+
+    # --- operations: each handed to its room --------------------------------------------------
+
+    async def recover(self, *, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Finish or roll back whatever an interrupted qemusnap left (also done by every
+        operation before it starts)."""
+        await journal.recover(self.ctx, timeout=timeout)
+
+    async def create(
+        self,
+        name: str,
+        *,
+        description: str = "",
+        disk_only: bool = False,
+        internal: bool | None = None,
+        memory_file: str | None = None,
+        live: bool = False,
+        quiesce: bool = False,
+        halt: bool = False,
+        exclude: Iterable[str] = (),
+        overlays: dict[str, str] | None = None,
+        reuse_external: bool = False,
+        progress: Progress | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Snapshot:
+        """Take snapshot ``name`` (SPEC "Create" tells what each combination means).
+
+        As with virsh: no flags on a running VM is an internal checkpoint, on a stopped VM
+        internal disk snapshots; ``disk_only`` alone is an external disk-only snapshot;
+        ``memory_file`` (or ``internal=False`` on a running VM) an external checkpoint.
+        """
+        return await create.create(
+            self.ctx, name, description=description, disk_only=disk_only, internal=internal,
+            memory_file=memory_file, live=live, quiesce=quiesce, halt=halt, exclude=exclude,
+            overlays=overlays, reuse_external=reuse_external, progress=progress,
+            timeout=timeout,
+        )  # fmt: skip
+
+    async def revert(
+        self,
+        name: str,
+        *,
+        running: bool = False,
+        paused: bool = False,
+        force: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> Snapshot:
+        """Bring the VM back to snapshot ``name`` (SPEC "Revert").
+
+        A checkpoint comes back in the run state it was taken in unless ``running``/``paused``
+        say otherwise.  Reverting a running VM to a disk-only snapshot restarts QEMU on the
+        reverted disks (its running state is lost): that needs ``force``.
+        """
+        return await revert.revert(
+            self.ctx, name, running=running, paused=paused, force=force, timeout=timeout
+        )
+
+    async def delete(
+        self,
+        name: str,
+        *,
+        children: bool = False,
+        children_only: bool = False,
+        metadata_only: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> list[str]:
+        """Delete snapshot ``name`` (and/or its descendants); returns the names removed.
+
+        Without ``children`` the deleted snapshot's children move to its parent.  External
+        snapshots are merged away so that no other snapshot and no running disk loses data;
+        ``metadata_only`` forgets them and touches no file.
+        """
+        return await delete.delete(
+            self.ctx, name, children=children, children_only=children_only,
+            metadata_only=metadata_only, timeout=timeout,
+        )  # fmt: skip
+
+    async def save(
+        self, file: str, *, progress: Progress | None = None, timeout: float = DEFAULT_TIMEOUT
+    ) -> None:
+        """Save the VM's memory state into ``file`` and stop QEMU (``virsh save``)."""
+        await save_restore.save(self.ctx, file, progress=progress, timeout=timeout)
+
+    async def restore(
+        self,
+        file: str,
+        *,
+        running: bool = False,
+        paused: bool = False,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> None:
+        """Start QEMU again from a memory-only save (``virsh restore``)."""
+        await save_restore.restore(self.ctx, file, running=running, paused=paused, timeout=timeout)
+
+    def restore_point(
+        self, name: str, *, timeout: float = DEFAULT_TIMEOUT
+    ) -> contextlib.AbstractAsyncContextManager[Snapshot]:
+        """``async with vm.restore_point("golden"):`` — the VM goes back to snapshot ``name``
+        when the block ends, however it ends (taken on entry if it does not exist yet).  See
+        :func:`qemusnap.harness.restore_point`."""
+        return resets.restore_point(self, name, timeout=timeout)
