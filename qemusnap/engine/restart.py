@@ -1,36 +1,22 @@
 """Restarting QEMU: how this VM's QEMU is started again on moved disks (a relaunch hook, the
 :class:`~qemusnap.machine.Machine` qemusnap owns, or the recorded command line with its image
-paths rewritten), how it is stopped, and how a restart an interrupted operation left half-done
-is finished or undone (for revert and restore, which journal the same keys).
-
-The journal data a restarting operation writes (``revert`` and ``restore`` entries):
-``overlays`` (disk name -> new image), ``old`` (the images left behind), ``target`` (run state
-wanted), ``memory`` (a memory file is to be loaded), and the progress marks ``stopped``
-(QEMU was quit), ``started`` (the new QEMU runs), ``loading``/``loaded`` (snapshot-load).
+paths rewritten), and how it is stopped.  Nothing here journals: revert, restore, save and
+``create --halt`` journal around these steps (finishing a half-done restart is
+:func:`qemusnap.engine.revert.recover_restart`).
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from collections.abc import Iterable
 
 import attrs
 
-from ..errors import OperationError, OperationTimeout, UnsupportedError
+from ..errors import OperationTimeout, UnsupportedError
 from ..machine import Machine, RecordedLaunch, image_paths_in_argv, relaunch, wait_pid_exit
-from ..models import VMState
-from ..tree import SnapshotTree
-from .context import DEFAULT_TIMEOUT, Context, Starter
-from .journal import Journal
+from .context import Context, Starter
 from .shared import (
-    adopt_disks,
-    delete_internal_tags,
-    discard_abandoned,
     disks,
-    load_internal,
-    remove_created,
-    settle,
 )
 
 
@@ -133,67 +119,3 @@ async def stop_qemu(ctx: Context) -> None:
         if pid is not None and not await wait_pid_exit(pid, 30.0):
             raise OperationTimeout(f"QEMU (pid {pid}) did not exit after quit")
     ctx.monitor = None
-
-
-# --- recovery of a restart --------------------------------------------------------------------
-
-#: A step to redo before QEMU is started again by a recovery (e.g. the cold part of an
-#: internal revert); gets the journal data.
-BeforeStart = Callable[[Context, dict[str, Any]], Awaitable[None]]
-
-
-async def recover_restart(
-    ctx: Context, data: dict[str, Any], journal: Journal, before_start: BeforeStart | None = None
-) -> None:
-    """A revert (or restore), which may have restarted QEMU.
-
-    * QEMU runs on the new overlays (restarted, or a revert in place that loaded its
-      snapshot): finish it (memory state, snapshot-load, run state), record the disks and
-      "current", remove the images the revert abandoned.
-    * The operation had stopped QEMU and none runs now: the old running state is lost
-      anyway, so the revert is finished: QEMU is started on the new overlays (roll
-      forward), then as above.
-    * Otherwise (QEMU still runs on the old disks, or a cold revert): the new overlays
-      are removed and the old disks kept.
-    """
-    overlays: dict[str, str] = data.get("overlays", {})
-    if ctx.monitor is None and data.get("stopped"):
-        if before_start is not None:
-            await before_start(ctx, data)
-        start = await prepare_restart(ctx, overlays)
-        await start(bool(data.get("memory")))
-        journal.update(started=True)  # a recovery interrupted now finds it started
-        data["started"] = True
-    if ctx.monitor is not None and (data.get("started") or data.get("loading")):
-        now = await ctx.monitor.disks()
-        if all(d.file == overlays.get(d.name, d.file) for d in now):
-            await finish_start(ctx, data)
-            adopt_disks(ctx, now, overlays, owned=overlays.values())
-            if data.get("name"):
-                ctx.store.set_current(ctx.record.id, data["name"])
-            discard_abandoned(ctx, data.get("old", []))
-            return
-    in_use = {d.file for d in await disks(ctx)} if ctx.monitor is not None else set()
-    remove_created(ctx, [p for p in overlays.values() if p not in in_use])
-
-
-async def finish_start(ctx: Context, data: dict[str, Any]) -> None:
-    """A restarted QEMU the interrupted operation left waiting: load its memory state
-    (``-incoming defer``) or its internal checkpoint (``snapshot-load``, still to do if
-    not journaled as done), then settle the run state the operation wanted."""
-    assert ctx.monitor is not None
-    status = (await ctx.monitor.query_status()).status
-    name = data.get("name")
-    target = VMState(data["target"]) if data.get("target") else None
-    if status == "inmigrate":
-        snap = SnapshotTree.of(ctx.store.snapshots(ctx.record.id)).get(name) if name else None
-        memory = snap.memory_file if snap else data.get("file")
-        if memory is None:
-            raise OperationError("a restarted QEMU waits for memory state nobody knows")
-        await ctx.memory.load(ctx.monitor, memory, timeout=DEFAULT_TIMEOUT)
-        target = target or (snap.vm_state if snap else VMState.RUNNING)
-    elif data.get("load") and not data.get("loaded"):
-        await load_internal(ctx, data["name"], data["holders"])
-        await delete_internal_tags(ctx, data["name"], list(data.get("overlays", {}).values()))
-    if target is not None or status in ("inmigrate", "prelaunch"):
-        await settle(ctx, target or VMState.RUNNING)

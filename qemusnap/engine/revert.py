@@ -17,28 +17,28 @@ snapshot's image), ``old``, ``target``, ``memory``): overlays made (``overlays-m
 quit (``stopped``) and started on them (``started``, ``-incoming defer`` for a checkpoint),
 memory state loaded, run state settled, disks recorded.
 
-Killed halfway, :func:`recover_revert` decides by how far it got (see
-:func:`qemusnap.engine.restart.recover_restart`): QEMU already stopped, or already running on
-the new images, the revert is finished (QEMU started, memory or snapshot-load done, run state,
-records); QEMU still on the old images (or a cold revert not yet recorded), the new images are
-removed and the VM is as before.
+Killed halfway, :func:`recover_revert` decides by how far it got (:func:`recover_restart`):
+QEMU already stopped, or already running on the new images, the revert is finished (QEMU
+started, memory or snapshot-load done, run state, records); QEMU still on the old images (or a
+cold revert not yet recorded), the new images are removed and the VM is as before.  A restore
+journals the same keys (no overlays) and is recovered by the same code.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from .. import process
 from ..aio import deadline
-from ..errors import DiskNotFoundError, UnsupportedError
+from ..errors import DiskNotFoundError, OperationError, UnsupportedError
 from ..models import Disk, DiskSnapshotKind, MemoryKind, Snapshot, SnapshotKind, VMState
 from ..plan import overlay_path
 from ..tree import SnapshotTree
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
-from .restart import knows_launch, prepare_restart, recover_restart, stop_qemu
+from .restart import knows_launch, prepare_restart, stop_qemu
 from .shared import (
     adopt_disks,
     delete_internal_tags,
@@ -46,6 +46,7 @@ from .shared import (
     image_format,
     load_internal,
     refuse_in_use,
+    remove_created,
     settle,
     tags,
 )
@@ -241,6 +242,70 @@ async def recover_revert(ctx: Context, data: dict[str, Any], journal: Journal) -
     had not (see the module docstring); an internal revert whose QEMU was stopped first
     redoes its cold part (:func:`reapply_internal`) before QEMU is started again."""
     await recover_restart(ctx, data, journal, before_start=reapply_internal)
+
+
+# --- a half-done restart (revert, restore) ----------------------------------------------------
+
+#: A step to redo before QEMU is started again by a recovery (e.g. the cold part of an
+#: internal revert); gets the journal data.
+BeforeStart = Callable[[Context, dict[str, Any]], Awaitable[None]]
+
+
+async def recover_restart(
+    ctx: Context, data: dict[str, Any], journal: Journal, before_start: BeforeStart | None = None
+) -> None:
+    """A revert (or restore), which may have restarted QEMU.
+
+    * QEMU runs on the new overlays (restarted, or a revert in place that loaded its
+      snapshot): finish it (memory state, snapshot-load, run state), record the disks and
+      "current", remove the images the revert abandoned.
+    * The operation had stopped QEMU and none runs now: the old running state is lost
+      anyway, so the revert is finished: QEMU is started on the new overlays (roll
+      forward), then as above.
+    * Otherwise (QEMU still runs on the old disks, or a cold revert): the new overlays
+      are removed and the old disks kept.
+    """
+    overlays: dict[str, str] = data.get("overlays", {})
+    if ctx.monitor is None and data.get("stopped"):
+        if before_start is not None:
+            await before_start(ctx, data)
+        start = await prepare_restart(ctx, overlays)
+        await start(bool(data.get("memory")))
+        journal.update(started=True)  # a recovery interrupted now finds it started
+        data["started"] = True
+    if ctx.monitor is not None and (data.get("started") or data.get("loading")):
+        now = await ctx.monitor.disks()
+        if all(d.file == overlays.get(d.name, d.file) for d in now):
+            await finish_start(ctx, data)
+            adopt_disks(ctx, now, overlays, owned=overlays.values())
+            if data.get("name"):
+                ctx.store.set_current(ctx.record.id, data["name"])
+            discard_abandoned(ctx, data.get("old", []))
+            return
+    in_use = {d.file for d in await current_disks(ctx)} if ctx.monitor is not None else set()
+    remove_created(ctx, [p for p in overlays.values() if p not in in_use])
+
+
+async def finish_start(ctx: Context, data: dict[str, Any]) -> None:
+    """A restarted QEMU the interrupted operation left waiting: load its memory state
+    (``-incoming defer``) or its internal checkpoint (``snapshot-load``, still to do if
+    not journaled as done), then settle the run state the operation wanted."""
+    assert ctx.monitor is not None
+    status = (await ctx.monitor.query_status()).status
+    name = data.get("name")
+    target = VMState(data["target"]) if data.get("target") else None
+    if status == "inmigrate":
+        snap = SnapshotTree.of(ctx.store.snapshots(ctx.record.id)).get(name) if name else None
+        memory = snap.memory_file if snap else data.get("file")
+        if memory is None:
+            raise OperationError("a restarted QEMU waits for memory state nobody knows")
+        await ctx.memory.load(ctx.monitor, memory, timeout=DEFAULT_TIMEOUT)
+        target = target or (snap.vm_state if snap else VMState.RUNNING)
+    elif data.get("load") and not data.get("loaded"):
+        await load_internal(ctx, data["name"], data["holders"])
+        await delete_internal_tags(ctx, data["name"], list(data.get("overlays", {}).values()))
+    if target is not None or status in ("inmigrate", "prelaunch"):
+        await settle(ctx, target or VMState.RUNNING)
 
 
 async def reapply_internal(ctx: Context, data: dict[str, Any]) -> None:

@@ -10,7 +10,7 @@ is removed and a VM that ran runs again.
 Restore (journal ``restore``: ``file``, ``target``; later ``started``): QEMU started waiting
 for memory (``-incoming defer``, ``started``), the file loaded, the run state settled.  Killed
 halfway, a started QEMU is finished (the load done or waited for, run state settled), see
-:func:`qemusnap.engine.restart.recover_restart`.
+:func:`qemusnap.engine.revert.recover_restart`.
 """
 
 from __future__ import annotations
@@ -24,7 +24,8 @@ from ..memory import Progress
 from ..models import VMState
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
-from .restart import prepare_restart, recover_restart, stop_qemu
+from .restart import prepare_restart, stop_qemu
+from .revert import recover_restart
 from .shared import disks as current_disks
 from .shared import remove_created, run_state, settle
 
