@@ -145,6 +145,21 @@ def build_parser() -> argparse.ArgumentParser:
     after = restore.add_mutually_exclusive_group()
     after.add_argument("--running", action="store_true")
     after.add_argument("--paused", action="store_true")
+    clone = command(
+        "clone",
+        "start a new, independent VM from external checkpoint NAME (new overlays, the memory"
+        " file read-only, its own QMP socket DIR/qmp.sock and state directory DIR/state)",
+    )
+    clone.add_argument("name")
+    clone.add_argument("--to", required=True, metavar="DIR", help="absent or empty directory")
+    clone.add_argument("--name", dest="clone_name", metavar="CLONE", help="default: DIR's name")
+    clone.add_argument(
+        "--net",
+        metavar="ID=SPEC",
+        action="append",
+        default=[],
+        help="replace network backend ID (-netdev id, or nicN/netN) that cannot be shared",
+    )
     return parser
 
 
@@ -381,6 +396,26 @@ async def _run(args: argparse.Namespace) -> Any:
                 state = await vm.run_state()
                 return {"restored": os.path.abspath(args.file), "vm_state": str(state)}, (
                     f"Restored from {args.file} ({state})"
+                )
+            case "clone":
+                net = {}
+                for item in args.net:
+                    key, sep, spec = item.partition("=")
+                    if not sep or not key or not spec:
+                        raise UsageError(f"--net wants ID=SPEC, not {item!r}")
+                    net[key] = spec
+                clone = await vm.clone(args.name, args.to, name=args.clone_name, net=net)
+                async with clone:  # closing it leaves the clone's QEMU running
+                    document = {
+                        "name": clone.record.name,
+                        "qmp_socket": clone.qmp_socket,
+                        "state_dir": str(clone.store.directory),
+                        "pid": clone.monitor.peer_pid() if clone.monitor else None,
+                        "disks": [{"name": d.name, "file": d.file} for d in clone.record.disks],
+                    }
+                return document, (
+                    f"Clone {document['name']} of {args.name} runs (pid {document['pid']}),"
+                    f" QMP socket {document['qmp_socket']}"
                 )
             case "recover":
                 await vm.recover()
