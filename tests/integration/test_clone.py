@@ -8,6 +8,7 @@ and read back over NBD, ``qemu-img check`` of every image.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
 import time
@@ -20,7 +21,7 @@ from livevm import check_clean, firmware_config, make_disks, read_cold, read_liv
 
 from qemusnap import VM
 from qemusnap.errors import UnsupportedError
-from qemusnap.machine import pid_alive
+from qemusnap.machine import pid_alive, wait_pid_exit
 from qemusnap.monitor import Monitor
 from qemusnap.store import Store
 
@@ -33,17 +34,14 @@ async def _stop(vm: VM) -> None:
     pid = vm.monitor.peer_pid()
     await vm.monitor.quit()
     await vm.close()
-    deadline = time.monotonic() + 30
-    while pid is not None and pid_alive(pid) and time.monotonic() < deadline:
-        await asyncio.sleep(0.05)
+    if pid is not None:
+        assert await wait_pid_exit(pid, 30.0)
 
 
 def _kill_leftovers(directory: Path) -> None:
     for sock in directory.glob("*/qmp.sock"):
-        try:
+        with contextlib.suppress(OSError):
             os.kill(peer_pid(sock), signal.SIGKILL)
-        except OSError:
-            pass
 
 
 async def _first_counter(serial: Serial, timeout: float = 60.0) -> int:

@@ -149,5 +149,5 @@ def test_fixed_tcp_listeners_are_refused(option: str, value: str) -> None:
 
 def test_an_image_that_is_no_disk_of_the_snapshot_is_refused() -> None:
     argv = ["qemu", "-drive", "file=/vm/vda.qcow2", "-drive", "file=/vm/scratch.raw"]
-    with pytest.raises(UnsupportedError, match="/vm/scratch.raw"):
+    with pytest.raises(UnsupportedError, match=r"/vm/scratch\.raw"):
         clone_argv(argv, "/", directory="/c", disks=DISKS)
