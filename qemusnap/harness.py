@@ -50,7 +50,7 @@ from .errors import (
     OperationTimeout,
     UnsupportedError,
 )
-from .machine import MachineConfig
+from .machine import MachineConfig, wait_pid_exit
 from .models import Snapshot
 from .monitor import Monitor
 
@@ -58,6 +58,7 @@ __all__ = [
     "DISK_ONLY_RESTART",
     "EXTERNAL_RESTART",
     "IN_PLACE",
+    "AsyncVM",
     "ResetReport",
     "SyncVM",
     "golden",
@@ -340,6 +341,27 @@ class SyncVM:
 
         return self._loop.run(wait(), timeout, "waiting for the guest agent")
 
+    def stop(self, *, timeout: float = 60.0) -> None:
+        """Shut the VM's QEMU down, whoever started it (``quit``, then the process is waited
+        for), and close it.  :meth:`close` leaves a QEMU it did not launch (a clone) running."""
+        if self._loop.loop.is_closed():
+            return
+        try:
+            self._loop.run(_quit(self._vm), timeout, "stopping QEMU")
+        finally:
+            self.close(timeout=timeout)
+
+    def _retarget(self, vm: VM, config: MachineConfig | None) -> VM:
+        """Point this handle at another VM of the same event loop; returns the old one."""
+        old, self._vm, self.config = self._vm, vm, config
+        self.last_reset = None
+        return old
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the VM lives in (see :class:`AsyncVM`)."""
+        return self._loop.loop
+
     def _monitor(self) -> Monitor:
         if self._vm.monitor is None:
             raise UnsupportedError("the VM is not running: no QMP monitor")
@@ -355,3 +377,85 @@ class SyncVM:
 
 async def _snapshots(vm: VM) -> list[Snapshot]:
     return vm.snapshots()
+
+
+async def _quit(vm: VM) -> None:
+    if vm.monitor is None:
+        return
+    pid = vm.monitor.peer_pid()
+    if vm.machine is not None:
+        await vm.machine.shutdown()
+        return
+    with contextlib.suppress(Exception):  # QEMU closes the connection as it quits
+        await vm.monitor.quit()
+    if pid is not None:
+        await wait_pid_exit(pid, 30.0)
+
+
+class AsyncVM:
+    """A :class:`SyncVM`'s VM for ``async def`` code running in *another* event loop (a
+    pytest-asyncio test): each coroutine runs in the VM's own loop and is awaited from the
+    caller's, so the VM works whatever loop (and loop scope) the test has.
+
+    ::
+
+        async def test_it(qemusnap_afresh):
+            assert (await qemusnap_afresh.shell("uname")).exitcode == 0
+            await qemusnap_afresh.call(lambda vm: vm.create("mine"))   # any VM coroutine
+    """
+
+    def __init__(self, sync: SyncVM) -> None:
+        self.sync = sync
+
+    @property
+    def config(self) -> MachineConfig | None:
+        return self.sync.config
+
+    @property
+    def last_reset(self) -> ResetReport | None:
+        return self.sync.last_reset
+
+    async def _run(self, fn: Callable[[], _T]) -> _T:
+        # The SyncVM methods bound their work with deadlines; run one in a worker thread so
+        # this loop stays free while the VM's loop works.
+        return await asyncio.to_thread(fn)
+
+    async def call(
+        self, fn: Callable[[VM], Awaitable[_T]], *, timeout: float = DEFAULT_TIMEOUT
+    ) -> _T:
+        """``await fn(vm)`` in the VM's event loop (``vm`` is the :class:`~qemusnap.VM`)."""
+        return await self._run(lambda: self.sync.call(fn, timeout=timeout))
+
+    async def create(self, name: str, **options: Any) -> Snapshot:
+        return await self._run(lambda: self.sync.create(name, **options))
+
+    async def revert(self, name: str, **options: Any) -> Snapshot:
+        return await self._run(lambda: self.sync.revert(name, **options))
+
+    async def delete(self, name: str, **options: Any) -> list[str]:
+        return await self._run(lambda: self.sync.delete(name, **options))
+
+    async def snapshots(self) -> list[Snapshot]:
+        return await self._run(self.sync.snapshots)
+
+    async def golden(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> Snapshot:
+        return await self._run(lambda: self.sync.golden(name, timeout=timeout))
+
+    async def reset(self, name: str, *, timeout: float = DEFAULT_TIMEOUT) -> ResetReport:
+        return await self._run(lambda: self.sync.reset(name, timeout=timeout))
+
+    async def qmp(
+        self, command: str, arguments: Mapping[str, object] | None = None, *, timeout: float = 30
+    ) -> Any:
+        return await self._run(lambda: self.sync.qmp(command, arguments, timeout=timeout))
+
+    async def hmp(self, command_line: str, *, timeout: float = 30.0) -> str:
+        return await self._run(lambda: self.sync.hmp(command_line, timeout=timeout))
+
+    async def guest_exec(
+        self, path: str, args: Sequence[str] = (), *, timeout: float = 60.0
+    ) -> ExecResult:
+        return await self._run(lambda: self.sync.guest_exec(path, args, timeout=timeout))
+
+    async def shell(self, script: str, *, timeout: float = 60.0) -> ExecResult:
+        return await self._run(lambda: self.sync.shell(script, timeout=timeout))

@@ -48,20 +48,24 @@ import shlex
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import attrs
 import pytest
 
+from . import fanout
+from .engine import VM
 from .errors import QemuSnapError
-from .harness import EXTERNAL_RESTART, IN_PLACE, ResetReport, SyncVM
+from .harness import EXTERNAL_RESTART, IN_PLACE, AsyncVM, ResetReport, SyncVM, _LoopThread
 from .machine import Drive, MachineConfig, qemu_binary
 from .models import Snapshot
 from .qemu_img import QemuImg
 
 __all__ = [
+    "qemusnap_afresh",
+    "qemusnap_avm",
     "qemusnap_config",
     "qemusnap_fresh",
     "qemusnap_golden",
@@ -72,7 +76,9 @@ __all__ = [
 
 DEFAULT_APPEND = "console=ttyS0 quiet panic=-1"
 SCRATCH_SIZE = 16 * 1024 * 1024  # the scratch disk holds the golden RAM (vmstate) mostly
-_FIXTURES = frozenset({"qemusnap_vm", "qemusnap_golden", "qemusnap_fresh"})
+_FIXTURES = frozenset(
+    {"qemusnap_vm", "qemusnap_golden", "qemusnap_fresh", "qemusnap_avm", "qemusnap_afresh"}
+)
 _DESCRIPTION = {
     IN_PLACE: "in-place snapshot-load (internal checkpoint)",
     EXTERNAL_RESTART: "restart from external checkpoint",
@@ -80,6 +86,13 @@ _DESCRIPTION = {
 
 _announced = pytest.StashKey[bool]()
 _resets = pytest.StashKey[list[ResetReport]]()
+# pytest-xdist: whether this worker boots the guest; what it reports to the controller; the
+# controller's shared directory and the workers' reports.
+_booter = pytest.StashKey[bool]()
+_worker_report = pytest.StashKey[dict[str, Any]]()
+_shared = pytest.StashKey[str]()
+_worker_reports = pytest.StashKey[list[dict[str, Any]]]()
+_SHARED_KEY = "qemusnap_shared"
 
 Prepare = Callable[[SyncVM], object]
 
@@ -171,8 +184,70 @@ def pytest_report_collectionfinish(
     return [_reset_line(config)]
 
 
+# --- pytest-xdist -------------------------------------------------------------------------------
+
+
+def _shared_dir(config: pytest.Config) -> Path | None:
+    """The run's shared directory, in an xdist worker (None otherwise)."""
+    value = getattr(config, "workerinput", {}).get(_SHARED_KEY)
+    return Path(value) if value else None
+
+
+def _worker_id(config: pytest.Config) -> str:
+    return str(getattr(config, "workerinput", {}).get("workerid", "main"))
+
+
+def _report(config: pytest.Config) -> dict[str, Any]:
+    return config.stash.setdefault(_worker_report, {})
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: one shared directory for the run, given to every worker."""
+    config = node.config
+    if _shared not in config.stash:
+        config.stash[_shared] = tempfile.mkdtemp(prefix="qemusnap-x-", dir="/tmp")
+    node.workerinput[_SHARED_KEY] = config.stash[_shared]
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node: Any, error: object) -> None:
+    report = getattr(node, "workeroutput", {}).get("qemusnap")
+    if report:
+        node.config.stash.setdefault(_worker_reports, []).append(report)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    config = session.config
+    if hasattr(config, "workeroutput") and _shared_dir(config) is not None:
+        report = dict(_report(config))
+        report["resets"] = [[r.method, r.seconds] for r in config.stash.get(_resets, [])]
+        if report.get("booted") or report.get("clone_seconds") is not None:
+            config.workeroutput["qemusnap"] = report
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shared = config.stash.get(_shared, None)
+    if shared is not None:
+        fanout.kill_leftovers(shared)  # clones of a worker that crashed
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    resets = terminalreporter.config.stash.get(_resets, [])
+    config = terminalreporter.config
+    workers = config.stash.get(_worker_reports, [])
+    mine: list[ResetReport] = config.stash.get(_resets, [])
+    resets = list(mine)
+    if workers:
+        boots = sum(1 for w in workers if w.get("booted"))
+        clones = [w["clone_seconds"] for w in workers if w.get("clone_seconds") is not None]
+        line = f"qemusnap: guest booted {boots} time{'s' * (boots != 1)} for {len(workers)}"
+        line += f" xdist worker{'s' * (len(workers) != 1)}; {len(clones)} clone"
+        line += f"{'s' * (len(clones) != 1)} of the golden checkpoint"
+        if clones:
+            line += f", started in mean {sum(clones) / len(clones):.2f} s, max {max(clones):.2f} s"
+        terminalreporter.write_line(line)
+        resets += [ResetReport(m, s) for w in workers for m, s in w.get("resets", [])]
     if not resets:
         return
     methods = sorted({r.method for r in resets})
@@ -322,9 +397,16 @@ def _wait_ready(vm: SyncVM, config: MachineConfig, ready: str, timeout: float) -
 
 
 @pytest.fixture(scope="session")
-def qemusnap_run_dir() -> Iterator[Path]:
+def qemusnap_run_dir(pytestconfig: pytest.Config) -> Iterator[Path]:
     """A short directory under /tmp for the session's disks, sockets and serial log (UNIX socket
-    paths must stay below 108 bytes); removed at the end of the session."""
+    paths must stay below 108 bytes); removed at the end of the session.
+
+    Under pytest-xdist, one in the run's shared directory (the clones of every worker read the
+    booted source's disks from it: the xdist controller removes it at the very end)."""
+    shared = _shared_dir(pytestconfig)
+    if shared is not None:
+        yield fanout.Shared(shared).run_dir(_worker_id(pytestconfig))
+        return
     path = Path(tempfile.mkdtemp(prefix="qemusnap-", dir="/tmp"))
     try:
         yield path
@@ -346,15 +428,23 @@ def qemusnap_vm(
     qemusnap_run_dir: Path,
     tmp_path_factory: pytest.TempPathFactory,
 ) -> Iterator[SyncVM]:
-    """The VM, launched once per session, its guest ready; shut down at the end."""
+    """The VM, launched once per session, its guest ready; shut down at the end.
+
+    Under pytest-xdist, the guest is booted once for all workers (see :mod:`qemusnap.fanout`):
+    this is the worker's own clone of the golden checkpoint (in the worker that boots, the
+    booted VM until ``qemusnap_golden`` has been taken)."""
     config = _with_plumbing(qemusnap_config, qemusnap_run_dir)
     _check_qemu(config.binary)
     _check_files(config)
-    state = pytestconfig.getoption("qemusnap_state") or tmp_path_factory.mktemp("qemusnap-state")
     try:
         timeout = float(pytestconfig.getini("qemusnap_boot_timeout"))
     except ValueError:
         _fail("ini option qemusnap_boot_timeout must be a number of seconds")
+    shared = _shared_dir(pytestconfig)
+    if shared is not None:
+        yield from _worker_vm(pytestconfig, config, shared, timeout)
+        return
+    state = pytestconfig.getoption("qemusnap_state") or tmp_path_factory.mktemp("qemusnap-state")
     try:
         vm = SyncVM.launch(config, state_dir=state)
     except QemuSnapError as exc:
@@ -366,28 +456,105 @@ def qemusnap_vm(
         vm.close()
 
 
+def _worker_vm(
+    pytestconfig: pytest.Config, config: MachineConfig, shared: Path, timeout: float
+) -> Iterator[SyncVM]:
+    """An xdist worker's VM: a clone of the golden checkpoint, or (the first worker to take
+    the shared lock) the booted source, which ``qemusnap_golden`` turns into a clone."""
+    fan = fanout.Shared(shared)
+    try:
+        booter = fan.acquire(deadline=2 * timeout + 120)
+    except QemuSnapError as exc:
+        _fail(str(exc))
+    pytestconfig.stash[_booter] = booter
+    if booter:
+        try:
+            vm = SyncVM.launch(config, state_dir=fan.state_dir)
+        except QemuSnapError as exc:
+            fan.give_up(f"cannot launch the VM: {exc}")
+            _fail(f"cannot launch the VM: {exc}")
+        try:
+            _wait_ready(vm, config, str(pytestconfig.getini("qemusnap_ready")), timeout)
+        except BaseException:
+            vm.close()
+            fan.give_up("the guest did not become ready (see the first worker's error)")
+            raise
+        _report(pytestconfig)["booted"] = True
+    else:
+        vm = _clone_into(pytestconfig, fan, config)
+    try:
+        yield vm
+    finally:
+        if pytestconfig.stash.get(_booter, False) and not fan.published():
+            fan.give_up("the golden snapshot was not taken (see the first worker's error)")
+        vm.stop()
+
+
+def _clone_into(
+    pytestconfig: pytest.Config,
+    fan: fanout.Shared,
+    config: MachineConfig,
+    loop: _LoopThread | None = None,
+) -> SyncVM:
+    worker = _worker_id(pytestconfig)
+    try:
+        start = time.perf_counter()
+        vm = fanout.clone_for_worker(fan, config, worker, loop=loop)
+        _report(pytestconfig)["clone_seconds"] = time.perf_counter() - start
+    except QemuSnapError as exc:
+        _fail(f"cannot clone the golden checkpoint for worker {worker}: {exc}")
+    return vm
+
+
 @pytest.fixture(scope="session")
 def qemusnap_prepare() -> Prepare | None:
     """Set the guest up before the golden snapshot: override this fixture and request
-    ``qemusnap_vm`` in it (or return a callable that gets the VM).  Default: nothing."""
+    ``qemusnap_vm`` in it (or return a callable that gets the VM).  Default: nothing.
+
+    Under pytest-xdist it runs once, in the worker that boots the guest."""
     return None
 
 
 @pytest.fixture(scope="session")
 def qemusnap_golden(
-    pytestconfig: pytest.Config, qemusnap_vm: SyncVM, qemusnap_prepare: Prepare | None
+    pytestconfig: pytest.Config, qemusnap_vm: SyncVM, request: pytest.FixtureRequest
 ) -> Snapshot:
     """The golden snapshot, taken once after ``qemusnap_prepare`` (one of an earlier session
     of the same name, in a reused state directory, is replaced)."""
-    if callable(qemusnap_prepare):
-        qemusnap_prepare(qemusnap_vm)
     name = str(pytestconfig.getini("qemusnap_snapshot"))
+    shared = _shared_dir(pytestconfig)
+    if shared is None or pytestconfig.stash.get(_booter, False):
+        prepare = request.getfixturevalue("qemusnap_prepare")
+        if callable(prepare):
+            prepare(qemusnap_vm)
+    if shared is not None and pytestconfig.stash.get(_booter, False):
+        fan = fanout.Shared(shared)
+        try:
+            fan.publish(qemusnap_vm, name)
+        except QemuSnapError as exc:
+            fan.give_up(f"cannot take the golden checkpoint {name!r}: {exc}")
+            _fail(f"cannot take the golden checkpoint {name!r}: {exc}")
+        assert qemusnap_vm.config is not None
+        clone = _clone_into(pytestconfig, fan, qemusnap_vm.config, qemusnap_vm._loop)
+        # The booted source is no longer needed (its checkpoint is on disk): the worker's
+        # own clone takes its place behind the same handle, and the CPU is free for clones.
+        source = qemusnap_vm._retarget(clone._vm, clone.config)
+        qemusnap_vm.call(_close_vm(source))
     try:
         if any(s.name == name for s in qemusnap_vm.snapshots()):
             qemusnap_vm.delete(name)
+        # In a clone: an internal checkpoint of the clone's qcow2 overlays, so the per-test
+        # reset is an in-place snapshot-load there as well.
         return qemusnap_vm.golden(name)
     except QemuSnapError as exc:
         _fail(f"cannot take the golden snapshot {name!r}: {exc}")
+
+
+def _close_vm(vm: VM) -> Callable[[VM], Awaitable[None]]:
+    async def close(_current: VM) -> None:
+        await vm.close()
+
+    return close
 
 
 @pytest.fixture
@@ -401,3 +568,37 @@ def qemusnap_fresh(
         _fail(f"cannot reset to {qemusnap_golden.name!r}: {exc}")
     pytestconfig.stash.setdefault(_resets, []).append(report)
     return qemusnap_vm
+
+
+# --- pytest-asyncio -----------------------------------------------------------------------------
+
+try:
+    import pytest_asyncio
+except ImportError:  # pragma: no cover - the async fixtures need pytest-asyncio
+    _HAVE_PYTEST_ASYNCIO = False
+else:
+    _HAVE_PYTEST_ASYNCIO = True
+
+if _HAVE_PYTEST_ASYNCIO:
+    # No loop_scope here: the fixtures follow the project's asyncio_default_fixture_loop_scope.
+    # They work in any loop: the VM lives in its own loop thread (see AsyncVM).
+
+    @pytest_asyncio.fixture
+    async def qemusnap_avm(qemusnap_vm: SyncVM) -> AsyncIterator[AsyncVM]:
+        """The session's VM (``qemusnap_vm``) for ``async def`` tests: an
+        :class:`~qemusnap.harness.AsyncVM` (``await vm.shell(...)``, ``await vm.call(fn)``)."""
+        yield AsyncVM(qemusnap_vm)
+
+    @pytest_asyncio.fixture
+    async def qemusnap_afresh(
+        pytestconfig: pytest.Config, qemusnap_vm: SyncVM, qemusnap_golden: Snapshot
+    ) -> AsyncIterator[AsyncVM]:
+        """``qemusnap_fresh`` for ``async def`` tests: reset to the golden snapshot (awaited:
+        the test's event loop runs on meanwhile), then the :class:`~qemusnap.harness.AsyncVM`."""
+        vm = AsyncVM(qemusnap_vm)
+        try:
+            report = await vm.reset(qemusnap_golden.name)
+        except QemuSnapError as exc:
+            _fail(f"cannot reset to {qemusnap_golden.name!r}: {exc}")
+        pytestconfig.stash.setdefault(_resets, []).append(report)
+        yield vm
