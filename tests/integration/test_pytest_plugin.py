@@ -85,6 +85,7 @@ def test_each_test_starts_from_the_golden_snapshot(pytester: pytest.Pytester) ->
         qemusnap_kernel = {GUEST_DIR}/vmlinuz
         qemusnap_initrd = {GUEST_DIR}/initrd.img
         filterwarnings = error
+        asyncio_default_fixture_loop_scope = function
         """
     )
     pytester.makeconftest(textwrap.dedent(CONFTEST))
