@@ -31,7 +31,7 @@ import attrs
 from qemusnap import VM, UnsupportedError, hostmem
 from qemusnap.machine import choose_accel
 
-from . import measure, reset
+from . import fanout, measure, reset
 from .guest import MIN_FILL_PERCENT, Log, Serial, fill_ram, guest_config, make_disks
 from .measure import Sample, Target
 from .report import GuestRun, Outcome, busy_now, machine_info, markdown
@@ -73,6 +73,18 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="the harness kit's per-test reset beside a fresh boot (256,512,1024 MiB)",
     )
     parser.add_argument(
+        "--fanout",
+        action="store_true",
+        help="N clones of one checkpoint against N fresh boots (N = --workers), and the"
+        " example harness's wall time at pytest -n 0/2/4 (256 MiB guest unless --ram)",
+    )
+    parser.add_argument(
+        "--workers",
+        type=fanout.workers_list,
+        default=list(fanout.DEFAULT_WORKERS),
+        help="--fanout: numbers of guests, comma-separated (default 1,2,4)",
+    )
+    parser.add_argument(
         "--repeat",
         type=_positive,
         help=f"repetitions of each operation (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})",
@@ -94,6 +106,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.fill < MIN_FILL_PERCENT or args.fill > 95:
         parser.error(f"--fill must be between {MIN_FILL_PERCENT:g} and 95")
+    if args.fanout:
+        args.repeat = args.repeat or 1
+        args.json = args.json or Path("bench-results/fanout.json")
+        return args
     if args.reset:
         args.ram = args.ram or ([512] if args.quick else list(reset.DEFAULT_RAM))
         args.repeat = args.repeat or (QUICK_REPEAT if args.quick else 5)
@@ -302,9 +318,12 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
+    command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.fanout:
+        args.command = command
+        return fanout.run(args)
     if args.reset:
         return reset.run(args)
-    command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
     return asyncio.run(main_async(args, command))
 
 
