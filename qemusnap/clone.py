@@ -45,6 +45,7 @@ from .errors import (
     TargetExistsError,
     UnsupportedError,
 )
+from .faults import crashpoint
 from .machine import RecordedLaunch, pid_alive, relaunch, wait_pid_exit
 from .models import DiskSnapshotKind, MemoryKind, SnapshotKind, VMState
 from .store import DiskRecord, Store
@@ -247,11 +248,13 @@ async def clone(
     )
     entry = store.journal_begin(vm_record.id, "clone", data)
     try:
+        crashpoint("clone", "journaled")
         for disk, file in frozen.items():
             await source.qemu_img.create(
                 overlays[disk], backing=file, backing_fmt=formats[disk], owner=source._owner
             )
             store.add_file(vm_record.id, overlays[disk], owned=True, role="overlay")
+        crashpoint("clone", "overlays-made")
         started = RecordedLaunch(
             new.argv, launch.cwd, new.qmp_socket, launch.uid, launch.gid, launch.groups
         )
@@ -260,6 +263,7 @@ async def clone(
         )
         data["pid"] = process.pid
         store.journal_update(entry, pid=process.pid)
+        crashpoint("clone", "started")
         clone_vm = VM(store, vm_record, monitor=monitor, qmp_socket=new.qmp_socket)
         await clone_vm.memory.load(monitor, snap.memory_file, timeout=timeout)
         await monitor.wait_status_not("inmigrate", timeout=30.0)

@@ -11,11 +11,12 @@ import asyncio
 import contextlib
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 
 import pytest
-from foreignvm import ForeignVM, cli, cli_json, peer_pid, wait_until
+from foreignvm import QEMUSNAP, ForeignVM, cli, cli_json, peer_pid, wait_until
 from guest import Serial, guest_config
 from livevm import check_clean, firmware_config, make_disks, read_cold, read_live, write_live
 
@@ -198,3 +199,49 @@ def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path) -> None:
 async def _status(sock: str) -> str:
     async with await Monitor.connect(sock) as monitor:
         return (await monitor.query_status()).status
+
+
+def _qemus_naming(text: str) -> list[int]:
+    """Pids of the QEMU processes whose command line contains ``text``."""
+    pids = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        with contextlib.suppress(OSError):
+            if text.encode() in cmdline.read_bytes() and pid_alive(int(cmdline.parent.name)):
+                pids.append(int(cmdline.parent.name))
+    return pids
+
+
+@pytest.mark.parametrize("step", ["journaled", "overlays-made", "started"])
+def test_interrupted_clone_is_rolled_back(short_tmp: Path, step: str) -> None:
+    """A clone killed half-way (``kill -9`` at each step) is rolled back by the next command on
+    its state directory: no QEMU left, no overlay, and the source no longer counts it."""
+    (disk,) = make_disks(short_tmp, ["vda"])
+    config = firmware_config([disk], qmp_socket=str(short_tmp / "src.sock"))
+    state = short_tmp / "state"
+    target = short_tmp / "c"
+    try:
+        with ForeignVM(config, short_tmp / "qemu.log") as source:
+            cli("--qmp", source.qmp, "create", "cp", "--memory-file", short_tmp / "cp.mem",
+                state=state)  # fmt: skip
+            done = subprocess.run(
+                [*QEMUSNAP, "--state", str(state), "--qmp", str(source.qmp), "clone", "cp",
+                 "--to", str(target)],
+                env={**os.environ, "QEMUSNAP_CRASH_AT": f"clone:{step}"},
+                capture_output=True, timeout=120, stdin=subprocess.DEVNULL,
+            )  # fmt: skip
+            assert done.returncode == -signal.SIGKILL, done.stderr
+            if step != "journaled":
+                assert list(target.glob("*.qcow2"))  # the crash left the overlay
+            if step == "started":
+                assert _qemus_naming(str(target / "qmp.sock"))  # and the clone's QEMU running
+            cli("recover", state=target / "state")
+            assert _qemus_naming(str(target / "qmp.sock")) == []
+            assert list(target.glob("*.qcow2")) == []
+            assert not (target / "qmp.sock").exists()
+            # The source was never touched and its checkpoint can go.
+            assert source.running()
+            cli("--qmp", source.qmp, "delete", "cp", state=state)
+            check_clean(disk, in_use=True)
+    finally:
+        for pid in _qemus_naming(str(target)):
+            os.kill(pid, signal.SIGKILL)
