@@ -132,7 +132,8 @@ def _registry(store: Store, vm_id: int) -> Path:
 def clones(store: Store, vm_id: int) -> list[CloneRecord]:
     """Every clone the source VM's state directory records (in use or not)."""
     found = []
-    for path in sorted(_registry(store, vm_id).glob("*.json")):
+    # Read without creating anything (``_registry`` makes the directory for a writer).
+    for path in sorted((store.directory / "vms" / str(vm_id) / "clones").glob("*.json")):
         with contextlib.suppress(OSError, ValueError, KeyError):
             found.append(CloneRecord.from_json(json.loads(path.read_text())))
     return found
