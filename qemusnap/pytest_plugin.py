@@ -201,6 +201,25 @@ def _report(config: pytest.Config) -> dict[str, Any]:
     return config.stash.setdefault(_worker_report, {})
 
 
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item: pytest.Item) -> Iterator[None]:
+    """Under xdist, the worker that boots publishes the golden checkpoint as soon as its first
+    test has the VM, also when that test asks for ``qemusnap_vm`` alone: the other workers
+    wait for it (their ``qemusnap_vm`` is a clone of it)."""
+    result = yield
+    config = item.config
+    if (
+        config.stash.get(_booter, False)
+        and "qemusnap_vm" in getattr(item, "fixturenames", ())
+        and _shared_dir(config) is not None
+        and not fanout.Shared(_shared_dir(config) or "").published()
+    ):
+        request = getattr(item, "_request", None)  # the test's fixture request
+        if request is not None:
+            request.getfixturevalue("qemusnap_golden")
+    return result
+
+
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
     """xdist controller: one shared directory for the run, given to every worker."""

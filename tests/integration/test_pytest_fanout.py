@@ -58,6 +58,13 @@ XDIST_TESTS = """
         assert vm.last_reset.method == "in-place snapshot-load"
         assert vm.shell("ls /tmp").stdout.split() == [b"golden"]
         assert vm.shell(f"touch /tmp/from-{n}").exitcode == 0
+
+
+    def test_vm_alone(qemusnap_vm):
+        # Without qemusnap_fresh too: whichever worker runs it, the VM is that worker's clone.
+        worker = os.environ["PYTEST_XDIST_WORKER"]
+        assert qemusnap_vm.config.qmp_socket.endswith(f"/{worker}/qmp.sock")
+        assert qemusnap_vm.shell("cat /tmp/golden").stdout == b"golden\\n"
 """
 
 
@@ -68,13 +75,44 @@ def test_xdist_boots_once_and_every_worker_runs_on_a_clone(pytester: pytest.Pyte
     pytester.makeconftest(textwrap.dedent(CONFTEST))
     pytester.makepyfile(test_fanout=textwrap.dedent(XDIST_TESTS))
     result = pytester.runpytest_subprocess("-n", "2", "--qemusnap-memory=128", timeout=300)
-    result.assert_outcomes(passed=4)
+    result.assert_outcomes(passed=5)
     result.stdout.fnmatch_lines(
         [
             "qemusnap: guest booted 1 time for 2 xdist workers; 2 clones of the golden"
             " checkpoint, started in mean * s, max * s",
             "qemusnap: 4 per-test resets by in-place snapshot-load (internal checkpoint):*",
         ]
+    )
+
+
+VM_ONLY_TESTS = """
+    import os
+
+    import pytest
+
+
+    @pytest.mark.parametrize("n", range(2))
+    def test_vm_only(qemusnap_vm, n):
+        worker = os.environ["PYTEST_XDIST_WORKER"]
+        assert qemusnap_vm.config.qmp_socket.endswith(f"/{worker}/qmp.sock")
+        assert qemusnap_vm.shell("cat /tmp/golden").exitcode == 0
+"""
+
+
+@pytest.mark.qemu_system
+@pytest.mark.guest
+def test_xdist_without_fresh_still_publishes_the_checkpoint(pytester: pytest.Pytester) -> None:
+    """Tests that only ask for ``qemusnap_vm``: the booting worker publishes the golden
+    checkpoint at its first test's setup, so the other worker does not wait for its end."""
+    pytester.makeini(textwrap.dedent(INI))
+    pytester.makeconftest(textwrap.dedent(CONFTEST))
+    pytester.makepyfile(test_vm_only=textwrap.dedent(VM_ONLY_TESTS))
+    result = pytester.runpytest_subprocess(
+        "-n", "2", "--qemusnap-memory=128", "-o", "qemusnap_boot_timeout=60", timeout=300
+    )
+    result.assert_outcomes(passed=2)
+    result.stdout.fnmatch_lines(
+        ["qemusnap: guest booted 1 time for 2 xdist workers; 2 clones of the golden checkpoint*"]
     )
 
 
