@@ -145,9 +145,11 @@ def test_two_clones_continue_from_the_checkpoint_and_keep_their_writes(short_tmp
         _kill_leftovers(short_tmp)
 
 
-def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path) -> None:
-    """``qemusnap clone NAME --to DIR --json`` on a QEMU someone else started: a hostfwd port
-    is refused in one line, mapped it works; the clone answers on DIR/qmp.sock."""
+@pytest.mark.parametrize("live", [(), ("--live",)], ids=["checkpoint", "live-checkpoint"])
+def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[str, ...]) -> None:
+    """``qemusnap clone NAME --to DIR --json`` on a QEMU someone else started, from an
+    external checkpoint or a live one: a hostfwd port is refused in one line, mapped it works;
+    the clone answers on DIR/qmp.sock."""
     (disk,) = make_disks(short_tmp, ["vda"])
     config = firmware_config(
         [disk],
@@ -161,7 +163,7 @@ def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path) -> None:
     try:
         with ForeignVM(config, short_tmp / "qemu.log") as source:
             cli("--qmp", source.qmp, "create", "cp", "--memory-file", short_tmp / "cp.mem",
-                state=state)  # fmt: skip
+                *live, state=state)  # fmt: skip
             refused = cli("--qmp", source.qmp, "clone", "cp", "--to", short_tmp / "c",
                           state=state, expect=2)  # fmt: skip
             assert "hostfwd=tcp:127.0.0.1:47123-:22" in refused.stderr
