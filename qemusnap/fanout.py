@@ -9,7 +9,7 @@ every worker.  In it::
     golden.mem      the golden checkpoint's memory file
     golden.json     written once the golden checkpoint exists: {"snapshot": NAME}
     failed          written instead when booting or the checkpoint failed: the reason
-    gwN/            each worker's clone (qemusnap.clone): DIR/qmp.sock, overlays, state/
+    gwN/            each worker's clone (qemusnap.engine.clone): DIR/qmp.sock, overlays, state/
 
 The first worker boots the guest, runs ``qemusnap_prepare``, takes the golden *external*
 checkpoint (overlays + memory file), publishes it and releases the lock; it then stops the
@@ -164,7 +164,7 @@ def clone_for_worker(
             loop.stop()
         raise
     mine = clone_config(config, directory, {d.name: d.file for d in vm.record.disks})
-    vm.qga_socket = mine.qga_socket
+    vm.ctx.qga_socket = mine.qga_socket
     return SyncVM(vm, loop, config=mine)
 
 

@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Sequence
 from typing import Any
 
 from ..aio import deadline
 from ..errors import UnsupportedError
 from ..faults import crashpoint
 from ..models import Snapshot, SnapshotKind
+from ..plan import Step
 from ..tree import SnapshotTree, plan_delete
+from .clone import clones, refuse_if_cloned
 from .context import DEFAULT_TIMEOUT, Context
 from .journal import Journal, journaled, operation, recovers
 from .merge import merge_plans, run_step, step_from_json, step_to_json
@@ -47,6 +50,7 @@ async def delete(
         tree = SnapshotTree.of(ctx.store.snapshots(ctx.record.id))
         plan = plan_delete(tree, name, children=children, children_only=children_only,
                            metadata_only=metadata_only)  # fmt: skip
+        await refuse_cloned(ctx, [tree.get(victim) for victim in plan.remove])
         for victim in plan.remove:
             snap = tree.get(victim)
             if metadata_only:
@@ -70,6 +74,26 @@ async def delete(
                     await delete_external(ctx, snap, journal)
         ctx.store.remove_snapshots(ctx.record.id, [], plan.reparent)
     return list(plan.remove)
+
+
+async def refuse_cloned(ctx: Context, victims: Sequence[Snapshot]) -> None:
+    """A delete that would change or remove a file a clone reads is refused, naming the
+    clones (see :mod:`.clone`): the snapshot's images and memory file, and every image a step
+    of its merge would write or remove."""
+    if not any(c.in_use() for c in clones(ctx.store, ctx.record.id)):
+        return  # the common case: nothing more to compute
+    for snap in victims:
+        files = {d.file for d in snap.disks if d.file}
+        files.add(snap.memory_file or "")
+        if snap.kind is SnapshotKind.EXTERNAL:
+            plans: list[list[Step]] = []
+            with contextlib.suppress(UnsupportedError):  # refused later, as without clones
+                plans = await merge_plans(ctx, snap)
+            for steps in plans:
+                for step in steps:
+                    files.update(getattr(step, f) for f in ("top", "base", "image", "path")
+                                 if hasattr(step, f))  # fmt: skip
+        refuse_if_cloned(ctx.store, ctx.record.id, snap.name, files)
 
 
 async def refuse_frozen_tags(ctx: Context, snap: Snapshot) -> None:

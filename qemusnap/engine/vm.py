@@ -14,6 +14,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any, Literal
 
 from .. import agent as agent_mod
+from ..aio import deadline
 from ..errors import ImageInUseError, UnsupportedError
 from ..machine import Machine, MachineConfig, RecordedLaunch
 from ..memory import FdTransport, Progress
@@ -22,7 +23,7 @@ from ..monitor import Monitor, QMPClient
 from ..qemu_img import QemuImg
 from ..store import Store, VMRecord
 from ..tree import SnapshotTree
-from . import create, delete, journal, resets, revert, save_restore, shared
+from . import clone, create, delete, journal, resets, revert, save_restore, shared
 from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook
 from .opening import cold_record, find_or_add_vm, wait_until_free
 
@@ -204,6 +205,11 @@ class VM:
             await machine.shutdown()
             raise
         vm.machine = machine
+        # The command line a clone of this VM starts from, also in another process (pytest
+        # workers): not under "argv", which would make qemusnap restart it as a foreign QEMU.
+        vm.store.set_vm_info(
+            vm.record.id, launch={"machine_argv": config.argv(), "cwd": os.getcwd()}
+        )
         return vm
 
     @classmethod
@@ -394,6 +400,29 @@ class VM:
             self.ctx, name, children=children, children_only=children_only,
             metadata_only=metadata_only, timeout=timeout,
         )  # fmt: skip
+
+    async def clone(
+        self,
+        snapshot: str,
+        directory: str,
+        *,
+        name: str | None = None,
+        net: dict[str, str] | None = None,
+        timeout: float = DEFAULT_TIMEOUT,
+    ) -> VM:
+        """Start a new, independent VM from external checkpoint ``snapshot``, in ``directory``
+        (absent or empty): new overlays over the checkpoint's frozen images, its memory file
+        read-only, its own QMP socket ``directory/qmp.sock`` and state directory
+        ``directory/state``.  This VM is not touched.  ``net`` maps network backends that
+        cannot be shared to replacements (see :func:`qemusnap.clone_argv.clone_argv`).
+
+        The clone is returned open; closing it leaves its QEMU running.
+        """
+        async with deadline(timeout, f"clone {snapshot}"):
+            made = await clone.clone(
+                self.ctx, snapshot, directory, name=name, net=net, timeout=timeout
+            )
+        return VM(made.store, made.record, monitor=made.monitor, qmp_socket=made.qmp_socket)
 
     async def save(
         self, file: str, *, progress: Progress | None = None, timeout: float = DEFAULT_TIMEOUT

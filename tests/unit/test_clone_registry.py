@@ -1,5 +1,5 @@
 """The source's record of its clones: which count as using its files, and the delete refusal
-that names them (qemusnap.clone, no QEMU needed)."""
+that names them (qemusnap.engine.clone, no QEMU needed)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from qemusnap.clone import CloneRecord, _write_record, clones, clones_using, refuse_if_cloned
+from qemusnap.engine.clone import CloneRecord, _write_record, clones, clones_using, refuse_if_cloned
 from qemusnap.errors import UnsupportedError
 from qemusnap.store import Store
 

@@ -17,46 +17,46 @@ the files the clone reads (the frozen images' whole backing chains and the memor
 delete that would change or remove one of them is refused while the clone exists (its
 overlays exist, or its QEMU runs), naming the clone.
 
-The clone's steps are journaled in the clone's own state directory (operation ``clone``): a
-clone interrupted half-way is rolled back by the next command on that state directory (its QEMU
-stopped, its overlays and the source's record of it removed).  Clones do not take the source's
-lock: they only read the source's state, so workers can clone one checkpoint at the same time.
+The clone's steps are journaled in the clone's own state directory (journal ``clone``:
+``name``, ``directory``, ``made_dir``, ``registry`` (the source's record of it), ``overlays``,
+``files`` (sockets, logs), ``qmp_socket``; then ``pid``; crash points ``journaled``,
+``overlays-made``, ``started``).  A clone interrupted half-way is rolled back by the next
+command on that state directory (:func:`recover_clone`: its QEMU stopped, its overlays and the
+source's record of it removed).  Clones do not take the source's lock: they only read the
+source's state, so workers can clone one checkpoint at the same time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import logging
 import os
 import shutil
 import signal
 import time
 from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import attrs
 
-from .clone_argv import clone_argv
-from .errors import (
+from ..clone_argv import clone_argv
+from ..errors import (
     DiskNotFoundError,
     OperationTimeout,
     TargetExistsError,
     UnsupportedError,
 )
-from .faults import crashpoint
-from .machine import RecordedLaunch, pid_alive, relaunch, wait_pid_exit
-from .models import DiskSnapshotKind, MemoryKind, SnapshotKind, VMState
-from .store import DiskRecord, Store
-from .tree import validate_name
+from ..machine import RecordedLaunch, pid_alive, relaunch, wait_pid_exit
+from ..models import DiskSnapshotKind, MemoryKind, SnapshotKind, VMState
+from ..monitor import Monitor
+from ..store import DiskRecord, Store, VMRecord
+from ..tree import SnapshotTree, validate_name
+from .context import Context, log
+from .journal import Journal, recovers
+from .restart import argv_replacements
 
-if TYPE_CHECKING:
-    from .engine import VM
-
-log = logging.getLogger("qemusnap.clone")
-
-__all__ = ["CloneRecord", "clone", "clones_using", "recover_clone", "source_launch"]
+__all__ = ["Clone", "CloneRecord", "clone", "clones_using", "recover_clone", "source_launch"]
 
 
 @attrs.frozen
@@ -153,16 +153,28 @@ def _write_record(store: Store, vm_id: int, record: CloneRecord) -> Path:
     return path
 
 
-def source_launch(vm: VM) -> RecordedLaunch:
+@attrs.frozen
+class Clone:
+    """A clone just started: what the facade opens it with (its own store and record, the
+    connected monitor, its QMP socket), and the source's record of it."""
+
+    store: Store
+    record: VMRecord
+    monitor: Monitor
+    qmp_socket: str
+    registered: CloneRecord
+
+
+def source_launch(ctx: Context) -> RecordedLaunch:
     """The command line the source VM runs from: recorded when it was attached by its QMP
     socket, or the one qemusnap launched it with."""
-    recorded = vm.store.vm(vm.record.id).launch or {}
+    recorded = ctx.store.vm(ctx.record.id).launch or {}
     if "argv" in recorded:
         return RecordedLaunch.from_json(recorded)
     if "machine_argv" in recorded:
         return RecordedLaunch(tuple(recorded["machine_argv"]), recorded["cwd"], "")
-    if vm.machine is not None:
-        return RecordedLaunch(tuple(vm.machine.config.argv()), os.getcwd(), "")
+    if ctx.machine is not None:
+        return RecordedLaunch(tuple(ctx.machine.config.argv()), os.getcwd(), "")
     raise UnsupportedError(
         "cannot clone this VM: its command line is unknown (attach once with --qmp SOCKET"
         " while it runs)"
@@ -170,22 +182,20 @@ def source_launch(vm: VM) -> RecordedLaunch:
 
 
 async def clone(
-    source: VM,
+    source: Context,
     snapshot: str,
     directory: str,
     *,
     name: str | None = None,
     net: Mapping[str, str] | None = None,
     timeout: float,
-) -> tuple[VM, CloneRecord]:
+) -> Clone:
     """Start a clone of ``source`` from checkpoint ``snapshot`` in ``directory`` (see
-    :meth:`qemusnap.VM.clone`); returns the clone, opened, and its record."""
-    from .engine import VM  # the facade; this module is one of its operations
-
+    :meth:`qemusnap.VM.clone`)."""
     directory = os.path.abspath(directory)
     name = name or os.path.basename(directory.rstrip("/"))
     validate_name(name)
-    snap = source.tree().get(snapshot)
+    snap = SnapshotTree.of(source.store.snapshots(source.record.id)).get(snapshot)
     if snap.kind is not SnapshotKind.EXTERNAL or snap.memory is not MemoryKind.FILE:
         raise UnsupportedError(
             f"{snapshot} is not an external checkpoint: a clone starts from overlays over frozen"
@@ -208,7 +218,7 @@ async def clone(
     # Everything that can be refused is refused before the first file is made.
     launch = source_launch(source)
     overlays = {d.name: os.path.join(directory, f"{d.name}.qcow2") for d in snap.disks}
-    replace = await source._argv_replacements(launch, overlays, moved=list(overlays))
+    replace = await argv_replacements(source, launch, overlays, moved=list(overlays))
     new = clone_argv(launch.argv, launch.cwd, directory=directory, disks=replace, netdevs=net)
     frozen = {d.name: d.file for d in snap.disks if d.file}
     uses = {snap.memory_file}
@@ -247,26 +257,23 @@ async def clone(
     vm_record = store.add_vm(
         name, [DiskRecord(d, f, "qcow2") for d, f in overlays.items()], base_files=sorted(uses)
     )
-    entry = store.journal_begin(vm_record.id, "clone", data)
+    journal = Journal(store, vm_record.id, "clone", data)  # crash point "journaled"
     try:
-        crashpoint("clone", "journaled")
         for disk, file in frozen.items():
             await source.qemu_img.create(
-                overlays[disk], backing=file, backing_fmt=formats[disk], owner=source._owner
+                overlays[disk], backing=file, backing_fmt=formats[disk], owner=source.owner
             )
             store.add_file(vm_record.id, overlays[disk], owned=True, role="overlay")
-        crashpoint("clone", "overlays-made")
+        journal.passed("overlays-made")
         started = RecordedLaunch(
             new.argv, launch.cwd, new.qmp_socket, launch.uid, launch.gid, launch.groups
         )
         process, monitor = await relaunch(
             started, incoming=True, log_file=Path(directory) / "qemu.log", timeout=timeout
         )
-        data["pid"] = process.pid
-        store.journal_update(entry, pid=process.pid)
-        crashpoint("clone", "started")
-        clone_vm = VM(store, vm_record, monitor=monitor, qmp_socket=new.qmp_socket)
-        await clone_vm.memory.load(monitor, snap.memory_file, timeout=timeout)
+        journal.update(pid=process.pid)
+        journal.passed("started")
+        await source.memory.load(monitor, snap.memory_file, timeout=timeout)
         await monitor.wait_status_not("inmigrate", timeout=30.0)
         if snap.vm_state is VMState.RUNNING:
             await monitor.cont()
@@ -277,18 +284,22 @@ async def clone(
         store.set_vm_info(vm_record.id, qmp_socket=new.qmp_socket, launch=recorded.to_json())
         record = attrs.evolve(record, pid=process.pid, complete=True)
         _write_record(source.store, source.record.id, record)
-        store.journal_end(entry)
+        store.journal_end(journal.id)
     except BaseException:
         try:
-            await recover_clone(data)
-            store.journal_end(entry)
+            await recover_clone(journal.data)
+            store.journal_end(journal.id)
         finally:
             store.close()
         # Only what this clone made is in there (the directory was absent or empty).
         shutil.rmtree(directory if made_dir else record.state_dir, ignore_errors=True)
         raise
-    clone_vm.record = store.vm(vm_record.id)
-    return clone_vm, record
+    return Clone(store, store.vm(vm_record.id), monitor, new.qmp_socket, record)
+
+
+@recovers("clone")
+async def _recover(ctx: Context, data: dict[str, Any], journal: Journal) -> None:
+    await recover_clone(data)
 
 
 async def recover_clone(data: Mapping[str, Any]) -> None:
