@@ -258,6 +258,7 @@ async def clone(
         name, [DiskRecord(d, f, "qcow2") for d, f in overlays.items()], base_files=sorted(uses)
     )
     journal = Journal(store, vm_record.id, "clone", data)  # crash point "journaled"
+    monitor: Monitor | None = None
     try:
         for disk, file in frozen.items():
             await source.qemu_img.create(
@@ -287,6 +288,9 @@ async def clone(
         store.journal_end(journal.id)
     except BaseException:
         try:
+            if monitor is not None:
+                with contextlib.suppress(Exception):
+                    await monitor.close()
             await recover_clone(journal.data)
             store.journal_end(journal.id)
         finally:

@@ -169,6 +169,13 @@ def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[
             assert "hostfwd=tcp:127.0.0.1:47123-:22" in refused.stderr
             assert "--net n1=" in refused.stderr
             assert not (short_tmp / "c").exists()
+            # A mapping QEMU rejects: the clone's QEMU exits at start; everything made for the
+            # clone is rolled back on the spot (its directory, the source's record of it).
+            failed = cli("--qmp", source.qmp, "clone", "cp", "--to", short_tmp / "c",
+                         "--net", "n1=no-such-backend,id=n1", state=state, expect=1)  # fmt: skip
+            assert "QEMU exited" in failed.stderr
+            assert not (short_tmp / "c").exists()
+            assert not list(state.glob("vms/*/clones/*.json"))
             out = cli_json("--qmp", source.qmp, "clone", "cp", "--to", short_tmp / "c",
                            "--net", "n1=user,id=n1", state=state)  # fmt: skip
             assert out == {
