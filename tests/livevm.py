@@ -35,15 +35,18 @@ def firmware_config(disks: Sequence[Path], **kwargs: object) -> MachineConfig:
     return MachineConfig(drives=drives, accel="tcg", memory_mib=128, **kwargs)  # type: ignore[arg-type]
 
 
-async def write_live(monitor: Monitor, device: str, pattern: int) -> None:
-    """Write ``pattern`` over the first MiB through the guest device's own block backend."""
+async def write_live(monitor: Monitor, device: str, pattern: int, *, offset: int = 0) -> None:
+    """Write ``pattern`` over the first MiB (from ``offset``) through the guest device's own
+    block backend."""
     await monitor.qemu_io(
-        f"/machine/peripheral/{device}/virtio-backend", f"write -P 0x{pattern:02x} 0 {LENGTH}"
+        f"/machine/peripheral/{device}/virtio-backend",
+        f"write -P 0x{pattern:02x} {offset} {LENGTH}",
     )
 
 
-async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
-    """Whether the device's current content starts with a MiB of ``pattern`` (via NBD)."""
+async def read_live(monitor: Monitor, device: str, pattern: int, *, offset: int = 0) -> bool:
+    """Whether the device's current content starts with a MiB of ``pattern`` (from
+    ``offset``; via NBD)."""
     node = next(d.node_name for d in await monitor.disks() if d.name == device)
     sock_dir = tempfile.mkdtemp(prefix="qs-nbd-", dir="/tmp")
     sock = os.path.join(sock_dir, "nbd.sock")
@@ -62,7 +65,7 @@ async def read_live(monitor: Monitor, device: str, pattern: int) -> bool:
                 "raw",
                 f"nbd+unix:///{export}?socket={sock}",
                 "-c",
-                f"read -P 0x{pattern:02x} 0 {LENGTH}",
+                f"read -P 0x{pattern:02x} {offset} {LENGTH}",
             ],
             capture_output=True,
             text=True,
@@ -88,9 +91,10 @@ async def flush_live(monitor: Monitor) -> None:
             await monitor.qemu_io(disk.device, "flush")
 
 
-def read_cold(image: Path | str, pattern: int) -> bool:
+def read_cold(image: Path | str, pattern: int, *, offset: int = 0) -> bool:
+    command = f"read -P 0x{pattern:02x} {offset} {LENGTH}"
     done = subprocess.run(
-        ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P 0x{pattern:02x} 0 {LENGTH}", str(image)],
+        ["qemu-io", "-r", "-f", "qcow2", "-c", command, str(image)],
         capture_output=True,
         text=True,
         timeout=60,
