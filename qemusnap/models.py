@@ -253,6 +253,10 @@ class Snapshot:
     description: str = ""
     memory_file: str | None = None
     current: bool = False
+    #: Found in the images' snapshot tables (taken by another tool), not taken by qemusnap.
+    adopted: bool = False
+    #: An adopted tag that only some of the VM's qcow2 disks hold: it can only be deleted.
+    partial: bool = False
 
     @property
     def is_checkpoint(self) -> bool:
@@ -273,6 +277,8 @@ class Snapshot:
             description=data["description"],
             disks=tuple(DiskSnapshot.from_json(d) for d in data["disks"]),
             current=bool(data.get("current", False)),
+            adopted=bool(data.get("adopted", False)),
+            partial=bool(data.get("partial", False)),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -288,4 +294,6 @@ class Snapshot:
             "description": self.description,
             "current": self.current,
             "disks": [d.to_json() for d in self.disks],
+            "adopted": self.adopted,
+            "partial": self.partial,
         }

@@ -16,15 +16,18 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import logging
 import os
+import secrets
 import sqlite3
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
+from . import sidecar
 from .errors import (
     BusyError,
     SnapshotExistsError,
@@ -37,7 +40,16 @@ from .models import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+
+log = logging.getLogger("qemusnap.store")
+
+#: Columns added after version 1 (ALTER TABLE on an older state directory).
+_ADDED_COLUMNS = (
+    ("vms", "uid", "TEXT"),  # a VM's identity in its snapshots' sidecar files
+    ("snapshots", "adopted", "INTEGER NOT NULL DEFAULT 0"),
+    ("snapshots", "partial", "INTEGER NOT NULL DEFAULT 0"),
+)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS vms (
@@ -79,6 +91,12 @@ CREATE TABLE IF NOT EXISTS files (
     role TEXT NOT NULL,           -- base | overlay | memory
     PRIMARY KEY (vm_id, path)
 );
+CREATE TABLE IF NOT EXISTS sidecars (
+    vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
+    name TEXT NOT NULL,           -- a snapshot's name
+    path TEXT NOT NULL,           -- where its sidecar file was last written (see sidecar.py)
+    PRIMARY KEY (vm_id, name)
+);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY,
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
@@ -118,6 +136,7 @@ class VMRecord:
     launch: dict[str, Any] | None
     disks: tuple[DiskRecord, ...]
     saved: dict[str, Any] | None = None
+    uid: str = ""
 
 
 @attrs.frozen
@@ -147,9 +166,20 @@ class Store:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             self._db.executescript(_SCHEMA)
+            self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+            #: VMs whose sidecar files must be brought in line after the current transaction.
+            self._dirty: set[int] = set()
+            self._syncing = False
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"state directory {self.directory} is unusable: {exc}") from exc
+
+    def _migrate(self) -> None:
+        for table, column, declaration in _ADDED_COLUMNS:
+            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+            if column not in present:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+        self._db.execute("UPDATE vms SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
 
     def close(self) -> None:
         self._db.close()
@@ -182,7 +212,9 @@ class Store:
                 self._depth = 0
             self._db.execute("COMMIT")
         except sqlite3.Error as exc:
+            self._dirty.clear()
             raise StoreError(f"state database error: {exc}") from exc
+        self._mirror()
 
     @contextlib.contextmanager
     def atomic(self) -> Iterator[None]:
@@ -214,6 +246,7 @@ class Store:
             launch=json.loads(row["launch"]) if row["launch"] else None,
             disks=disks,
             saved=json.loads(row["saved"]) if row["saved"] else None,
+            uid=row["uid"] or "",
         )
 
     def find_vm(self, files: Iterable[str]) -> VMRecord | None:
@@ -267,21 +300,33 @@ class Store:
         return self.vm(record.id)
 
     def add_vm(self, name: str, disks: Iterable[DiskRecord], base_files: Iterable[str]) -> VMRecord:
+        """A new VM.  ``base_files``: every image of its disks' chains when first seen; those
+        below the active images are backing files someone else made (a template other VMs may
+        share): role ``backing``, never merged into, rebased or removed."""
+        disks = list(disks)
+        active = {d.file for d in disks}
         with self._tx() as db:
             vm_id = db.execute(
-                "INSERT INTO vms (name, created) VALUES (?, ?)", (name, utc_now())
+                "INSERT INTO vms (name, created, uid) VALUES (?, ?, ?)",
+                (name, utc_now(), secrets.token_hex(8)),
             ).lastrowid
             assert vm_id is not None
             self._write_disks(db, vm_id, disks)
             for path in base_files:
                 db.execute(
-                    "INSERT OR IGNORE INTO files (vm_id, path, owned, role) VALUES (?,?,0,'base')",
-                    (vm_id, path),
+                    "INSERT OR IGNORE INTO files (vm_id, path, owned, role) VALUES (?,?,0,?)",
+                    (vm_id, path, "base" if path in active else "backing"),
                 )
         return self.vm(vm_id)
 
-    @staticmethod
-    def _write_disks(db: sqlite3.Connection, vm_id: int, disks: Iterable[DiskRecord]) -> None:
+    def set_uid(self, vm_id: int, uid: str) -> None:
+        """Take over the identity a rebuilt VM had (its sidecars name it)."""
+        with self._tx() as db:
+            db.execute("UPDATE vms SET uid=? WHERE id=?", (uid, vm_id))
+            self._dirty.add(vm_id)
+
+    def _write_disks(self, db: sqlite3.Connection, vm_id: int, disks: Iterable[DiskRecord]) -> None:
+        self._dirty.add(vm_id)
         db.execute("DELETE FROM disks WHERE vm_id=?", (vm_id,))
         for position, disk in enumerate(disks):
             db.execute(
@@ -301,6 +346,7 @@ class Store:
         launch: dict[str, Any] | None = None,
     ) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             if qmp_socket is not None:
                 db.execute("UPDATE vms SET qmp_socket=? WHERE id=?", (qmp_socket, vm_id))
             if launch is not None:
@@ -313,6 +359,7 @@ class Store:
 
     def set_current(self, vm_id: int, name: str | None) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             db.execute("UPDATE vms SET current=? WHERE id=?", (name, vm_id))
 
     def memory_dir(self, vm_id: int) -> Path:
@@ -347,6 +394,7 @@ class Store:
 
     def add_snapshot(self, vm_id: int, snap: Snapshot, *, make_current: bool = True) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             if db.execute(
                 "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
             ).fetchone():
@@ -356,8 +404,8 @@ class Store:
             ).fetchone()[0]
             db.execute(
                 "INSERT INTO snapshots (vm_id, name, seq, parent, kind, memory, memory_file,"
-                " consistency, vm_state, created, description, disks)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                " consistency, vm_state, created, description, disks, adopted, partial)"
+                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     vm_id,
                     snap.name,
@@ -371,6 +419,8 @@ class Store:
                     snap.created,
                     snap.description,
                     json.dumps([d.to_json() for d in snap.disks]),
+                    int(snap.adopted),
+                    int(snap.partial),
                 ),
             )
             if make_current:
@@ -382,6 +432,7 @@ class Store:
         """Drop snapshots; ``reparent`` maps surviving children to their new parent."""
         names = list(names)
         with self._tx() as db:
+            self._dirty.add(vm_id)
             for child, parent in reparent.items():
                 db.execute(
                     "UPDATE snapshots SET parent=? WHERE vm_id=? AND name=?", (parent, vm_id, child)
@@ -405,6 +456,7 @@ class Store:
 
     def update_snapshot_disks(self, vm_id: int, name: str, disks: Iterable[DiskSnapshot]) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             db.execute(
                 "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                 (json.dumps([d.to_json() for d in disks]), vm_id, name),
@@ -414,6 +466,7 @@ class Store:
         """Whatever referred to image ``old`` (a snapshot's disk, an active disk) now refers to
         ``new`` (after ``old`` was committed into ``new``)."""
         with self._tx() as db:
+            self._dirty.add(vm_id)
             db.execute("UPDATE disks SET file=? WHERE vm_id=? AND file=?", (new, vm_id, old))
             rows = db.execute(
                 "SELECT name, disks FROM snapshots WHERE vm_id=?", (vm_id,)
@@ -433,6 +486,7 @@ class Store:
 
     def add_file(self, vm_id: int, path: str, *, owned: bool, role: str) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             db.execute(
                 "INSERT OR REPLACE INTO files (vm_id, path, owned, role) VALUES (?,?,?,?)",
                 (vm_id, path, int(owned), role),
@@ -442,6 +496,19 @@ class Store:
         """Every image/memory file the store knows for this VM -> whether qemusnap owns it."""
         rows = self._db.execute("SELECT path, owned FROM files WHERE vm_id=?", (vm_id,))
         return {row["path"]: bool(row["owned"]) for row in rows}
+
+    def file_roles(self, vm_id: int) -> dict[str, tuple[bool, str]]:
+        """Every file the store knows for this VM -> (owned, role)."""
+        rows = self._db.execute("SELECT path, owned, role FROM files WHERE vm_id=?", (vm_id,))
+        return {row["path"]: (bool(row["owned"]), row["role"]) for row in rows}
+
+    def protected_files(self, vm_id: int) -> set[str]:
+        """Backing files found under the VM's disks when qemusnap first saw them: someone else
+        made them (a template other VMs may share), so they are never written or removed."""
+        rows = self._db.execute(
+            "SELECT path FROM files WHERE vm_id=? AND owned=0 AND role='backing'", (vm_id,)
+        )
+        return {row["path"] for row in rows}
 
     def owned_files(self, vm_id: int) -> dict[str, str]:
         rows = self._db.execute(
@@ -457,7 +524,97 @@ class Store:
 
     def forget_file(self, vm_id: int, path: str) -> None:
         with self._tx() as db:
+            self._dirty.add(vm_id)
             db.execute("DELETE FROM files WHERE vm_id=? AND path=?", (vm_id, path))
+
+    def replace_snapshots(
+        self, vm_id: int, snapshots: Sequence[Snapshot], *, crash: Callable[[], None] | None = None
+    ) -> None:
+        """Make ``snapshots`` (in creation order; ``current`` set on at most one) the VM's whole
+        tree, in one transaction: interrupted, the store keeps what it had (``rebuild``)."""
+        with self._tx() as db:
+            self._dirty.add(vm_id)
+            db.execute("DELETE FROM snapshots WHERE vm_id=?", (vm_id,))
+            db.execute("UPDATE vms SET current=NULL WHERE id=?", (vm_id,))
+            for number, snap in enumerate(snapshots):
+                self.add_snapshot(vm_id, attrs.evolve(snap, current=False), make_current=False)
+                if number == len(snapshots) // 2 and crash is not None:
+                    crash()  # the reliability tests kill us half-way through, here
+            current = next((s.name for s in snapshots if s.current), None)
+            db.execute("UPDATE vms SET current=? WHERE id=?", (current, vm_id))
+
+    # --- sidecars (see sidecar.py) --------------------------------------------------------
+
+    def sidecar_document(self, vm_id: int, snap: Snapshot) -> dict[str, Any]:
+        """What the sidecar of ``snap`` says: the snapshot, its place, and the VM's record."""
+        vm = self.vm(vm_id)
+        seq = self._db.execute(
+            "SELECT seq FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
+        ).fetchone()
+        return {
+            "snapshot": snap.to_json(),
+            "seq": seq[0] if seq else 0,
+            "vm": {
+                "uid": vm.uid,
+                "name": vm.name,
+                "disks": [attrs.asdict(d) for d in vm.disks],
+                "launch": vm.launch,
+                "files": [
+                    [path, owned, role]
+                    for path, (owned, role) in sorted(self.file_roles(vm_id).items())
+                ],
+            },
+            "written": time.time_ns(),
+        }
+
+    def sidecar_paths(self, vm_id: int) -> dict[str, str]:
+        """Snapshot name -> where its sidecar was last written."""
+        rows = self._db.execute("SELECT name, path FROM sidecars WHERE vm_id=?", (vm_id,))
+        return {row["name"]: row["path"] for row in rows}
+
+    def _mirror(self) -> None:
+        """After a transaction: bring the sidecars of the VMs it changed in line."""
+        if self._syncing or self._depth:
+            return
+        while self._dirty:
+            self.sync_sidecars(self._dirty.pop())
+
+    def sync_sidecars(self, vm_id: int) -> list[str]:
+        """Write the sidecar of every snapshot of the VM whose content changed, remove those of
+        snapshots that are gone.  A sidecar that cannot be written (a read-only image
+        directory) is logged and skipped: the store still has it, and ``check`` reports it.
+        Returns the problems met."""
+        problems: list[str] = []
+        self._syncing = True
+        try:
+            vm = self.vm(vm_id)
+            recorded = self.sidecar_paths(vm_id)
+            wanted: dict[str, str] = {}
+            for snap in self.snapshots(vm_id):
+                anchor = sidecar_anchor(snap)
+                if anchor is None:
+                    continue
+                path = sidecar.path_for(anchor, vm.uid, snap.name)
+                try:
+                    sidecar.write(path, self.sidecar_document(vm_id, snap))
+                except OSError as exc:
+                    problems.append(f"cannot write the sidecar of {snap.name} ({path}): {exc}")
+                    log.warning("%s", problems[-1])
+                    continue
+                wanted[snap.name] = path
+            for name, path in recorded.items():
+                if wanted.get(name) != path:
+                    sidecar.remove(path)
+            with self._tx() as db:
+                db.execute("DELETE FROM sidecars WHERE vm_id=?", (vm_id,))
+                for name, path in wanted.items():
+                    db.execute(
+                        "INSERT INTO sidecars (vm_id, name, path) VALUES (?,?,?)",
+                        (vm_id, name, path),
+                    )
+        finally:
+            self._syncing = False
+        return problems
 
     # --- journal --------------------------------------------------------------------------
 
@@ -536,8 +693,19 @@ class VMLock:
             self._fd = None
 
 
+def sidecar_anchor(snap: Snapshot) -> str | None:
+    """The file a snapshot's sidecar lives beside: the image holding its first disk's data,
+    else its memory file."""
+    for disk in snap.disks:
+        if disk.file:
+            return disk.file
+    return snap.memory_file
+
+
 def _snapshot_from_row(row: sqlite3.Row, current: str | None) -> Snapshot:
     data = dict(row)  # sqlite3.Row has keys() and [key]: a mapping for dict()
     data["disks"] = json.loads(row["disks"])
     data["current"] = row["name"] == current
+    data["adopted"] = bool(row["adopted"])
+    data["partial"] = bool(row["partial"])
     return Snapshot.from_json(data)
