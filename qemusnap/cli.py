@@ -17,6 +17,7 @@ from . import __version__
 from .engine import VM
 from .errors import QemuSnapError, UnsupportedError, UsageError
 from .models import Chain, CheckResult, Snapshot, SnapshotKind
+from .rebuild import RebuildReport
 from .store import Store
 
 log = logging.getLogger("qemusnap.cli")
@@ -139,6 +140,23 @@ def build_parser() -> argparse.ArgumentParser:
     check = command("check", "qemu-img check of every image of every chain")
     check.add_argument("--repair", choices=("leaks", "all"))
     command("recover", "repair what an interrupted operation left behind")
+    command("adopt", "add snapshots found in the images that the state directory does not know")
+    rebuild = command(
+        "rebuild",
+        "reconstruct the state directory's tree from the images, memory files and sidecars",
+    )
+    rebuild.add_argument(
+        "--search",
+        metavar="DIR",
+        action="append",
+        default=[],
+        help="also look here for sidecars, overlays and memory files (repeat)",
+    )
+    rebuild.add_argument(
+        "--apply",
+        action="store_true",
+        help="repair a state directory that disagrees with the disks (never the images)",
+    )
     command("save", "memory-only save; the VM stops").add_argument("file")
     restore = command("restore", "start the VM again from a saved file")
     restore.add_argument("file")
@@ -178,6 +196,10 @@ def _snapshot_text(snap: Snapshot) -> str:
         f"Created:      {snap.created}",
         f"Description:  {snap.description}",
     ]
+    if snap.adopted:
+        lines.append(
+            "Adopted:      yes (found in the images)" + (", partial" if snap.partial else "")
+        )
     lines += [f"Disk {d.name}:  {d.snapshot}  {d.file or ''}".rstrip() for d in snap.disks]
     return "\n".join(lines)
 
@@ -188,7 +210,10 @@ def _list_text(snaps: Sequence[Snapshot]) -> str:
     rows = [("Name", "Created", "Kind", "Memory", "Consistency", "State", "Parent")]
     rows += [
         (
-            s.name + (" *" if s.current else ""),
+            s.name
+            + (" *" if s.current else "")
+            + (" (adopted)" if s.adopted else "")
+            + (" (partial)" if s.partial else ""),
             s.created,
             str(s.kind),
             str(s.memory),
@@ -204,7 +229,24 @@ def _list_text(snaps: Sequence[Snapshot]) -> str:
     )
 
 
-def _chain_text(chains: Sequence[Chain]) -> str:
+def _chain_json(chains: Sequence[Chain], roles: dict[str, tuple[bool, str]]) -> list[Any]:
+    """``chain --json``, each image with ``owned``: whether qemusnap made it (and may merge
+    into, rebase or remove it)."""
+    document = [c.to_json() for c in chains]
+    for chain in document:
+        for image in chain["images"]:
+            image["owned"] = roles.get(image["filename"], (False, ""))[0]
+    return document
+
+
+def _owner_text(path: str, roles: dict[str, tuple[bool, str]]) -> str:
+    owned, role = roles.get(path, (False, ""))
+    if owned:
+        return ", qemusnap's"
+    return ", shared backing file: never written" if role == "backing" else ", not qemusnap's"
+
+
+def _chain_text(chains: Sequence[Chain], roles: dict[str, tuple[bool, str]] | None = None) -> str:
     lines: list[str] = []
     for chain in chains:
         lines.append(f"{chain.disk}:")
@@ -216,7 +258,8 @@ def _chain_text(chains: Sequence[Chain]) -> str:
             )
             lead = "  " + "    " * (depth - 1) + "└── " if depth else "  "
             lines.append(
-                f"{lead}{image.filename} ({image.format}, {image.virtual_size} bytes){tags}"
+                f"{lead}{image.filename} ({image.format}, {image.virtual_size} bytes"
+                f"{_owner_text(image.filename, roles or {})}){tags}"
             )
     return "\n".join(lines)
 
@@ -257,15 +300,18 @@ async def _open(args: argparse.Namespace) -> VM:
             known = store.find_vm_by_socket(os.path.abspath(args.qmp))
         if known is not None:
             return await VM.cold([d.file for d in known.disks], state_dir=args.state)
+    # rebuild reads the disks itself (with its --search directories): no adoption on opening.
+    discover = args.command != "rebuild"
     if args.qmp:
         return await VM.attach(
             args.qmp,
             state_dir=args.state,
             qga_socket=args.qga,
             allow_other_user=args.allow_other_user,
+            discover=discover,
         )
     if args.disk:
-        return await VM.cold(args.disk, state_dir=args.state)
+        return await VM.cold(args.disk, state_dir=args.state, discover=discover)
     # Neither: the one VM the state directory knows, live if its QMP socket still answers.
     with Store(args.state) as store:
         socket_path = store.sole_vm().qmp_socket
@@ -277,6 +323,18 @@ async def _open(args: argparse.Namespace) -> VM:
         except QemuSnapError:
             log.debug("recorded QMP socket %s does not answer: cold mode", socket_path)
     return await VM.cold([], state_dir=args.state)
+
+
+def _rebuild_text(report: RebuildReport) -> str:
+    lines = [f"{d.snapshot or '(vm)'}: {d.what}: {d.detail}" for d in report.differences]
+    if report.applied:
+        lines.append(f"State directory rebuilt ({len(report.added)} snapshots added)")
+    elif report.differences:
+        lines.append("Not applied: the state directory has snapshots (use --apply to repair it)")
+    else:
+        lines.append("The state directory agrees with the disks")
+    lines += [f"dropped (its data is gone): {name}" for name in report.dropped]
+    return "\n".join(lines)
 
 
 def _kind_text(snap: Snapshot) -> str:
@@ -384,10 +442,29 @@ async def _run(args: argparse.Namespace) -> Any:
                 return {"deleted": removed}, text
             case "chain":
                 chains = await vm.chains(args.disk_name)
-                return [c.to_json() for c in chains], _chain_text(chains)
+                roles = vm.store.file_roles(vm.record.id)
+                return _chain_json(chains, roles), _chain_text(chains, roles)
             case "check":
                 results = await vm.check(args.repair)
-                return [r.to_json() for r in results], _check_text(results)
+                # The store against the images and sidecars: each difference is one entry
+                # (result "mismatch"); `rebuild --apply` repairs the store.
+                differences = await vm.differences()
+                document = [r.to_json() for r in results] + [
+                    {"filename": None, "result": "mismatch", **d.to_json()} for d in differences
+                ]
+                text = "\n".join(
+                    [_check_text(results)]
+                    + [f"store mismatch: {d.snapshot or '(vm)'}: {d.what}: {d.detail}"
+                       for d in differences]
+                )  # fmt: skip
+                return document, text
+            case "adopt":
+                added = await vm.adopt()
+                text = "\n".join(f"Adopted {s.name} ({_kind_text(s)})" for s in added)
+                return [s.to_json() for s in added], text or "Nothing to adopt"
+            case "rebuild":
+                report = await vm.rebuild(args.search, apply=args.apply)
+                return report.to_json(), _rebuild_text(report)
             case "save":
                 await vm.save(args.file, progress=progress)
                 return {"saved": os.path.abspath(args.file)}, f"Saved to {args.file}; QEMU stopped"

@@ -78,6 +78,7 @@ def plan_merge_away(
     *,
     owned: Collection[str],
     holds_internal: Collection[str],
+    protected: Collection[str] = (),
 ) -> list[Step]:
     """Steps that take ``frozen`` out of every chain without changing any other image's data.
 
@@ -85,6 +86,10 @@ def plan_merge_away(
     dependent is still committed into it (the disk is one image again, as after ``virsh
     snapshot-delete``), otherwise it simply stays the base of its chains.
     """
+    if frozen in protected:
+        # A backing file the VM came with (a template other VMs may share): never merged
+        # into, rebased or removed; it simply stays below the chain.
+        return []
     dependents = graph.dependents(frozen)
     if len(dependents) == 1 and dependents[0] in owned and dependents[0] not in holds_internal:
         (top,) = dependents
