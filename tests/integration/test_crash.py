@@ -185,6 +185,15 @@ def restore(rig: Rig) -> Op:
     return Op(["restore", str(rig.tmp / "saved.state")], P3, P3, starts_off=True)
 
 
+def rebuild_lost(rig: Rig) -> Op:
+    """The state directory is lost (i1 internal, e1 external); rebuild reads the images and
+    the sidecars beside them.  Killed in the middle, the next command's first contact (or
+    ``rebuild`` again, tests/integration/test_rebuild.py) finishes the job."""
+    std(rig)
+    shutil.rmtree(rig.state)
+    return Op(["rebuild"], P3, P3)
+
+
 @dataclasses.dataclass(frozen=True)
 class Variant:
     operation: str
@@ -215,6 +224,7 @@ VARIANTS = [
     Variant("delete-external", "pull", (ALL,), delete_pull),
     Variant("save", "save", (ALL,), save),
     Variant("restore", "restore", (ALL,), restore),
+    Variant("rebuild", "state-dir-lost", (ALL,), rebuild_lost),
 ]  # fmt: skip
 
 
