@@ -592,8 +592,8 @@ class Store:
             wanted: dict[str, str] = {}
             for snap in self.snapshots(vm_id):
                 anchor = sidecar_anchor(snap)
-                if anchor is None:
-                    continue
+                if anchor is None or not os.path.exists(anchor):
+                    continue  # its data is gone: nothing to describe beside it
                 path = sidecar.path_for(anchor, vm.uid, snap.name)
                 try:
                     sidecar.write(path, self.sidecar_document(vm_id, snap))
