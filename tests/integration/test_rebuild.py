@@ -21,6 +21,7 @@ import json
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -234,3 +235,58 @@ def test_rebuild_killed_then_run_again(rig: Rig, step: str) -> None:
         assert rig.read() == [rig.patterns[name]] * 2, f"after revert {name}\n{rig.describe()}"
     assert not check_images(rig)
     assert listed(rig).keys() == {s["name"] for s in before}
+
+
+def test_cold_rebuild_gives_back_disk_names_and_ownership(short_tmp: Path) -> None:
+    """Cold (``--disk`` of the active images, named after their files when opened): the disk
+    names the snapshots use and the files qemusnap owns come back from the sidecars."""
+    state = short_tmp / "state"
+    disks = []
+    for name in ("a", "b"):
+        disk = short_tmp / f"{name}.qcow2"
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(disk), "16M"], check=True)
+        disks.append(disk)
+
+    def qs(*args: str | Path) -> str:
+        argv = [sys.executable, "-m", "qemusnap", "--state", str(state), "--json", *map(str, args)]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    def write(pattern: int) -> None:
+        for chain in json.loads(qs("chain")):
+            image = chain["images"][0]["filename"]
+            done = subprocess.run(
+                ["qemu-io", "-f", "qcow2", "-c", f"write -P {pattern} 0 {MIB}", image],
+                capture_output=True,
+                text=True,
+            )
+            assert done.returncode == 0 and "wrote" in done.stdout, done.stderr
+
+    qs("--disk", disks[0], "--disk", disks[1], "list")
+    write(0x11)
+    qs("create", "i1")
+    write(0x22)
+    qs("create", "e1", "--disk-only")
+    write(0x33)
+    qs("create", "e2", "--disk-only")
+    write(0x44)
+    before, chains = json.loads(qs("list")), json.loads(qs("chain"))
+    active = [c["images"][0]["filename"] for c in chains]
+    shutil.rmtree(state)
+
+    report = json.loads(qs("--disk", active[0], "--disk", active[1], "rebuild"))
+    assert report["applied"] and sorted(report["added"]) == ["e1", "e2", "i1"]
+    assert json.loads(qs("list")) == before
+    assert json.loads(qs("chain")) == chains  # disk names and "owned" included
+    for name, pattern in (("i1", 0x11), ("e1", 0x22), ("e2", 0x33)):
+        qs("revert", name)
+        for chain in json.loads(qs("chain")):
+            image = chain["images"][0]["filename"]
+            done = subprocess.run(
+                ["qemu-io", "-r", "-f", "qcow2", "-c", f"read -P {pattern} 0 {MIB}", image],
+                capture_output=True,
+                text=True,
+            )
+            assert "Pattern verification failed" not in done.stdout, (name, chain["disk"])
+            assert done.returncode == 0 and "read" in done.stdout, done.stderr
