@@ -41,7 +41,7 @@ from .errors import OperationError
 from .faults import crashpoint
 from .models import Disk, DiskSnapshotKind, MemoryKind, Snapshot
 from .qemu_img import QemuImg
-from .store import Store
+from .store import DiskRecord, Store
 
 log = logging.getLogger("qemusnap.rebuild")
 
@@ -241,13 +241,16 @@ async def rebuild(
     crashpoint("rebuild", "scanned")
     empty = not store.snapshots(vm_id)
     if not (apply or empty) or not differences:
-        store.sync_sidecars(vm_id)  # finishes a run killed after its commit
+        if not differences:
+            # The store agrees: this finishes a run killed after its commit.  (While they
+            # disagree, the sidecars are left as they are: only reported.)
+            store.sync_sidecars(vm_id)
         return RebuildReport(tuple(differences), applied=False, dropped=found.dropped)
     before = {s.name for s in store.snapshots(vm_id)}
     with store.atomic():
         if found.uid:
             store.set_uid(vm_id, found.uid)
-        _restore_vm_record(store, vm_id, found.vm)
+        _restore_vm_record(store, vm_id, found.vm, disks)
         store.replace_snapshots(vm_id, kept, crash=lambda: crashpoint("rebuild", "half-recorded"))
     crashpoint("rebuild", "committed")
     store.sync_sidecars(vm_id)
@@ -268,7 +271,7 @@ async def adopt_missing(
     with store.atomic():
         if found.uid and not known:
             store.set_uid(vm_id, found.uid)
-            _restore_vm_record(store, vm_id, found.vm)
+            _restore_vm_record(store, vm_id, found.vm, disks)
         for snap in described:
             parent = snap.parent if snap.parent in names else None
             current = snap.current and not has_current
@@ -281,10 +284,25 @@ async def adopt_missing(
     return [s for s in store.snapshots(vm_id) if s.name not in {k.name for k in known}]
 
 
-def _restore_vm_record(store: Store, vm_id: int, vm: dict[str, Any] | None) -> None:
-    """The recorded command line and which files qemusnap owns, from a sidecar."""
+def _restore_vm_record(
+    store: Store, vm_id: int, vm: dict[str, Any] | None, disks: Sequence[Disk]
+) -> None:
+    """The disks' names, the recorded command line and which files qemusnap owns, from a
+    sidecar."""
     if not vm:
         return
+    # Opened cold, disks are named after their files ("a.s3" for a.s3.qcow2), but the
+    # snapshots name them as they were named when taken: take those names back (by active
+    # image, else by position).
+    recorded = [d for d in vm.get("disks", []) if isinstance(d, dict)]
+    by_file = {d.get("file"): d.get("name") for d in recorded}
+    names = [by_file.get(d.file) for d in disks]
+    if None in names and len(recorded) == len(disks):
+        names = [d.get("name") for d in recorded]
+    if all(isinstance(n, str) for n in names) and len(set(names)) == len(names):
+        store.set_disks(
+            vm_id, [DiskRecord(str(n), d.file, d.format) for n, d in zip(names, disks, strict=True)]
+        )
     if vm.get("launch") and store.vm(vm_id).launch is None:
         store.set_vm_info(vm_id, launch=vm["launch"])
     # The sidecar's account beats the guess made on opening the disks (which took every
