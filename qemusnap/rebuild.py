@@ -161,8 +161,14 @@ async def discover(
     documents += sidecar.scan(sorted(more))
     uid = _choose_uid(store.vm(vm_id).uid, documents, set(chain_files), disks)
     mine = [doc for _, doc in documents if doc.get("vm", {}).get("uid") == uid]
-    described = [Described.from_document(doc) for doc in mine]
-    described = [attrs.evolve(d, snapshot=_relocated(d.snapshot, search)) for d in described]
+    described = []
+    for doc in mine:
+        try:
+            entry = Described.from_document(doc)
+        except (KeyError, TypeError, ValueError) as exc:
+            log.warning("ignoring a damaged sidecar of %s: %s", doc.get("snapshot"), exc)
+            continue
+        described.append(attrs.evolve(entry, snapshot=_relocated(entry.snapshot, search)))
     alive = [d.snapshot.name for d in described if await _alive(d.snapshot, images)]
     tree, dropped = tree_from_sidecars(described, alive)
     # A dropped snapshot's tag left on some disks only is adopted again, as partial: it can
