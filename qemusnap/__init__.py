@@ -6,6 +6,7 @@ Start with :class:`VM` (``VM.attach``, ``VM.launch``, ``VM.cold``); errors deriv
 
 import logging
 
+from .discover import Difference
 from .engine import VM, RelaunchHook
 from .errors import (
     BusyError,
@@ -48,6 +49,7 @@ from .models import (
 )
 from .monitor import Monitor
 from .qemu_img import QemuImg
+from .rebuild import RebuildReport
 from .tree import SnapshotTree
 
 __version__ = "0.1.0"
@@ -60,6 +62,7 @@ __all__ = [
     "CheckResult",
     "CommandError",
     "Consistency",
+    "Difference",
     "Disk",
     "DiskNotFoundError",
     "DiskSnapshot",
@@ -83,6 +86,7 @@ __all__ = [
     "QemuImg",
     "QemuImgError",
     "QemuSnapError",
+    "RebuildReport",
     "RelaunchHook",
     "Snapshot",
     "SnapshotExistsError",
