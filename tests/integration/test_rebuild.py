@@ -31,6 +31,7 @@ from crashrig import MIB, OFFSET, Rig, check_images, listed, wait_status
 from guest import COUNTER
 
 from qemusnap.faults import CRASH_POINTS
+from qemusnap.store import Store
 
 pytestmark = [pytest.mark.qemu_system, pytest.mark.qemu_img]
 
@@ -271,6 +272,11 @@ def test_cold_rebuild_gives_back_disk_names_and_ownership(short_tmp: Path) -> No
     write(0x33)
     qs("create", "e2", "--disk-only")
     write(0x44)
+    # As if QEMU had been attached once: its command line is recorded (for restarts).
+    launch = {"argv": ["qemu-system-x86_64", "-m", "64"], "cwd": "/", "qmp_socket": "/nowhere"}
+    with Store(state) as store:
+        (vm,) = store.vms()
+        store.set_vm_info(vm.id, launch=launch)
     before, chains = json.loads(qs("list")), json.loads(qs("chain"))
     active = [c["images"][0]["filename"] for c in chains]
     shutil.rmtree(state)
@@ -279,6 +285,9 @@ def test_cold_rebuild_gives_back_disk_names_and_ownership(short_tmp: Path) -> No
     assert report["applied"] and sorted(report["added"]) == ["e1", "e2", "i1"]
     assert json.loads(qs("list")) == before
     assert json.loads(qs("chain")) == chains  # disk names and "owned" included
+    with Store(state) as store:
+        (vm,) = store.vms()
+        assert vm.launch == launch
     for name, pattern in (("i1", 0x11), ("e1", 0x22), ("e2", 0x33)):
         qs("revert", name)
         for chain in json.loads(qs("chain")):
