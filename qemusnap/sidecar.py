@@ -40,8 +40,8 @@ def path_for(anchor: str, vm_uid: str, name: str) -> str:
     return os.path.join(os.path.dirname(os.path.abspath(anchor)), DIRNAME, f"{digest}.json")
 
 
-def _comparable(document: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in document.items() if k != "written"}
+def _comparable(document: dict[str, Any], ignore: tuple[str, ...]) -> dict[str, Any]:
+    return {k: v for k, v in document.items() if k not in ("written", *ignore)}
 
 
 def read(path: str) -> dict[str, Any] | None:
@@ -56,12 +56,13 @@ def read(path: str) -> dict[str, Any] | None:
     return document
 
 
-def write(path: str, document: dict[str, Any]) -> bool:
+def write(path: str, document: dict[str, Any], *, ignore: tuple[str, ...] = ()) -> bool:
     """Write ``document`` to ``path`` atomically, mode 0600, unless it already says the same
-    (``written`` aside).  Returns whether the file changed.  Raises OSError."""
+    (``written`` and the keys in ``ignore`` aside).  Returns whether the file changed.
+    Raises OSError."""
     document = {"format": FORMAT, "version": VERSION, **document}
     old = read(path)
-    if old is not None and _comparable(old) == _comparable(document):
+    if old is not None and _comparable(old, ignore) == _comparable(document, ignore):
         return False
     directory = os.path.dirname(path)
     os.makedirs(directory, mode=0o700, exist_ok=True)

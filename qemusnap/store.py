@@ -596,7 +596,16 @@ class Store:
                     continue  # its data is gone: nothing to describe beside it
                 path = sidecar.path_for(anchor, vm.uid, snap.name)
                 try:
-                    sidecar.write(path, self.sidecar_document(vm_id, snap))
+                    # The VM's record (disks, files, command line) changes with most
+                    # operations: rewriting every sidecar each time would cost two fsyncs per
+                    # snapshot.  The current snapshot's sidecar always carries the latest one
+                    # (and any sidecar written for its own sake a newer one than before);
+                    # rebuild takes the record of the sidecar written last.
+                    sidecar.write(
+                        path,
+                        self.sidecar_document(vm_id, snap),
+                        ignore=() if snap.current else ("vm",),
+                    )
                 except OSError as exc:
                     problems.append(f"cannot write the sidecar of {snap.name} ({path}): {exc}")
                     log.warning("%s", problems[-1])

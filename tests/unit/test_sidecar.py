@@ -70,12 +70,19 @@ def test_sidecars_follow_the_store(tmp_path: Path) -> None:
         assert found["s1"]["snapshot"]["current"] is True  # type: ignore[index]
         assert found["s2"]["snapshot"]["current"] is False  # type: ignore[index]
 
-        # The recorded command line lands in every sidecar.
-        store.set_vm_info(vm.id, launch={"argv": ["qemu-system-x86_64", "-m", "64"]})
-        assert all(
-            s["vm"]["launch"]["argv"][0] == "qemu-system-x86_64"  # type: ignore[index]
-            for s in sidecars(images).values()
+        # The recorded command line lands in the current snapshot's sidecar (the one written
+        # last, whose VM record rebuild takes); the others are not rewritten for it.
+        s2_inode = (
+            next(p for p in (images / sidecar.DIRNAME).iterdir() if "s2" in p.read_text())
+            .stat()
+            .st_ino
         )
+        store.set_vm_info(vm.id, launch={"argv": ["qemu-system-x86_64", "-m", "64"]})
+        found = sidecars(images)
+        assert found["s1"]["vm"]["launch"]["argv"][0] == "qemu-system-x86_64"  # type: ignore[index]
+        assert found["s2"]["vm"]["launch"] is None  # type: ignore[index]
+        assert found["s1"]["written"] > found["s2"]["written"]  # type: ignore[operator]
+        assert s2_inode in {p.stat().st_ino for p in (images / sidecar.DIRNAME).iterdir()}
 
         # Data moving to another image (a commit) moves the sidecar; deletion removes it.
         other = tmp_path / "other"
