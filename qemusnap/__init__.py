@@ -8,6 +8,7 @@ import logging
 
 from .discover import Difference
 from .engine import VM, RelaunchHook
+from .engine.rebuild import RebuildReport
 from .errors import (
     BusyError,
     CommandError,
@@ -49,7 +50,6 @@ from .models import (
 )
 from .monitor import Monitor
 from .qemu_img import QemuImg
-from .rebuild import RebuildReport
 from .tree import SnapshotTree
 
 __version__ = "0.1.0"

@@ -15,9 +15,9 @@ from typing import Any, NoReturn
 
 from . import __version__
 from .engine import VM
+from .engine.rebuild import RebuildReport
 from .errors import QemuSnapError, UnsupportedError, UsageError
 from .models import Chain, CheckResult, Snapshot, SnapshotKind
-from .rebuild import RebuildReport
 from .store import Store
 
 log = logging.getLogger("qemusnap.cli")
@@ -449,7 +449,7 @@ async def _run(args: argparse.Namespace) -> Any:
                 # The store against the images and sidecars: each difference is one entry
                 # (result "mismatch"); `rebuild --apply` repairs the store.
                 differences = await vm.differences()
-                document = [r.to_json() for r in results] + [
+                checked = [r.to_json() for r in results] + [
                     {"filename": None, "result": "mismatch", **d.to_json()} for d in differences
                 ]
                 text = "\n".join(
@@ -457,7 +457,7 @@ async def _run(args: argparse.Namespace) -> Any:
                     + [f"store mismatch: {d.snapshot or '(vm)'}: {d.what}: {d.detail}"
                        for d in differences]
                 )  # fmt: skip
-                return document, text
+                return checked, text
             case "adopt":
                 added = await vm.adopt()
                 text = "\n".join(f"Adopted {s.name} ({_kind_text(s)})" for s in added)

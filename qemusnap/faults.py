@@ -29,7 +29,7 @@ CRASH_POINTS: dict[str, tuple[str, ...]] = {
     "delete-external": ("journaled", "step-done"),
     "save": ("journaled", "written", "stopped"),
     "restore": ("journaled", "started"),
-    "rebuild": ("scanned", "half-recorded", "committed"),
+    "rebuild": ("journaled", "scanned", "half-recorded", "committed"),
 }
 
 

@@ -14,6 +14,7 @@ and its recovery (docs/architecture.md):
 * :mod:`.create`, :mod:`.create_internal`, :mod:`.create_external` — create;
 * :mod:`.revert` — revert; :mod:`.delete` and :mod:`.merge` — delete and its plan runner;
 * :mod:`.save_restore` — memory-only save and restore;
+* :mod:`.rebuild` — adopt what the images hold, rebuild the store from them (docs/adopt.md);
 * :mod:`.restart` — stopping and restarting QEMU (relaunch, argv rewrite);
 * :mod:`.shared` — small steps several rooms take; :mod:`.opening` — finding a VM's record;
 * :mod:`.resets` — golden snapshot, reset, restore point (re-exported by the harness).

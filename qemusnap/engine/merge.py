@@ -29,9 +29,13 @@ async def merge_plans(ctx: Context, snap: Snapshot) -> list[list[Step]]:
     # snapshot and no disk reading through them) go first, so no merge wastes effort on
     # them or leaves them behind.
     dead = dead_images(ImageGraph(graph), referenced_files(ctx), owned)
+    # Backing files the VM came with (a template other VMs may share) are never written.
+    protected = ctx.store.protected_files(ctx.vm_id)
     alive = ImageGraph({k: v for k, v in graph.items() if k not in dead})
     merges = [
-        plan_merge_away(alive, d.file, owned=owned, holds_internal=holds_internal)
+        plan_merge_away(
+            alive, d.file, owned=owned, holds_internal=holds_internal, protected=protected
+        )
         for d in snap.disks
         if d.snapshot is DiskSnapshotKind.EXTERNAL and d.file and d.file in graph
     ]

@@ -68,6 +68,11 @@ async def revert(
     requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
     async with deadline(timeout, f"revert {name}"), operation(ctx, f"revert {name}"):
         snap = _tree(ctx).get(name)
+        if snap.partial:
+            raise UnsupportedError(
+                f"{name} is a partial snapshot (a tag only some disks hold): reverting to it"
+                " would mix disks from different instants; it can only be deleted"
+            )
         if ctx.live and not snap.is_checkpoint and not force:
             raise UnsupportedError(
                 f"{name} is a disk-only snapshot: reverting a running VM to it restarts"

@@ -15,7 +15,8 @@ from typing import Any, Literal
 
 from .. import agent as agent_mod
 from ..aio import deadline
-from ..errors import ImageInUseError, UnsupportedError
+from ..discover import Difference
+from ..errors import ImageInUseError, OperationError, UnsupportedError
 from ..machine import Machine, MachineConfig, RecordedLaunch
 from ..memory import FdTransport, Progress
 from ..models import Chain, CheckResult, Disk, Snapshot, VMState
@@ -24,7 +25,8 @@ from ..qemu_img import QemuImg
 from ..store import Store, VMRecord
 from ..tree import SnapshotTree
 from . import clone, create, delete, journal, resets, revert, save_restore, shared
-from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook
+from . import rebuild as rebuild_room
+from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook, log
 from .opening import cold_record, find_or_add_vm, wait_until_free
 
 
@@ -131,6 +133,7 @@ class VM:
         relaunch_hook: RelaunchHook | None = None,
         allow_other_user: bool = False,
         timeout: float = 30.0,
+        discover: bool = True,
     ) -> VM:
         """Open a running QEMU by its QMP socket path, a connected :class:`Monitor`, or a
         connected ``qemu.qmp.QMPClient`` the caller keeps using.
@@ -142,6 +145,9 @@ class VM:
         can do so.  A QEMU owned by
         another user is refused unless ``allow_other_user``: qemusnap would create files and
         restart processes on that user's behalf.
+
+        On first contact (the store has no snapshot of this VM), the snapshots its images
+        already hold are adopted (:meth:`adopt`), unless ``discover`` is false.
         """
         if isinstance(qmp, str):
             qmp = os.path.abspath(qmp)
@@ -183,6 +189,8 @@ class VM:
             if monitor is not qmp:
                 await monitor.close()
             raise
+        if discover:
+            await vm._first_contact()
         return vm
 
     @classmethod
@@ -220,12 +228,13 @@ class VM:
         state_dir: str | os.PathLike[str] | None = None,
         relaunch_hook: RelaunchHook | None = None,
         timeout: float = 60.0,
+        discover: bool = True,
     ) -> VM:
         """Open the disk images of a VM that is not running.
 
         A disk the state directory knows (any image of its chain, the original base included)
         names its VM, whose disks then come from the store; with no disks, the state directory
-        must know exactly one VM.
+        must know exactly one VM.  First contact adopts as :meth:`attach` does.
         """
         store = Store(state_dir)
         try:
@@ -233,7 +242,21 @@ class VM:
         except BaseException:
             store.close()
             raise
-        return cls(store, record, relaunch_hook=relaunch_hook)
+        vm = cls(store, record, relaunch_hook=relaunch_hook)
+        if discover:
+            await vm._first_contact()
+        return vm
+
+    async def _first_contact(self) -> None:
+        """A VM with no snapshot in the store: adopt what its images already hold (tags made by
+        ``qemu-img snapshot -c``, ``savevm``, libvirt; snapshots whose sidecars survived a lost
+        state directory).  Best effort: a disk that cannot be read does not stop the command."""
+        if self.store.snapshots(self.record.id) or self.store.journal(self.record.id):
+            return
+        try:
+            await self.adopt(timeout=60.0)
+        except (OperationError, TimeoutError) as exc:
+            log.warning("could not look for snapshots already in the images: %s", exc)
 
     async def close(self) -> None:
         try:
@@ -423,6 +446,23 @@ class VM:
                 self.ctx, snapshot, directory, name=name, net=net, timeout=timeout
             )
         return VM(made.store, made.record, monitor=made.monitor, qmp_socket=made.qmp_socket)
+
+    async def adopt(self, *, timeout: float = DEFAULT_TIMEOUT) -> list[Snapshot]:
+        """Add the snapshots the images hold that the store does not know (``adopted`` for
+        tags another tool made; see docs/adopt.md).  Returns those added."""
+        return await rebuild_room.adopt(self.ctx, timeout=timeout)
+
+    async def rebuild(
+        self, search: Sequence[str] = (), *, apply: bool = False, timeout: float = DEFAULT_TIMEOUT
+    ) -> rebuild_room.RebuildReport:
+        """Rebuild the store's tree from the images and the sidecars beside them (and in
+        ``search``): done when the store has no snapshot of this VM or ``apply``; otherwise
+        the differences are only reported.  Never writes the images."""
+        return await rebuild_room.rebuild(self.ctx, search, apply=apply, timeout=timeout)
+
+    async def differences(self, *, timeout: float = DEFAULT_TIMEOUT) -> list[Difference]:
+        """How the store disagrees with the images and sidecars (``check`` reports them)."""
+        return await rebuild_room.differences(self.ctx, timeout=timeout)
 
     async def save(
         self, file: str, *, progress: Progress | None = None, timeout: float = DEFAULT_TIMEOUT

@@ -1,5 +1,8 @@
 """The adopt/rebuild room: what the images and the sidecars beside them hold, into the store.
 
+Pure logic (matching tags across disks, places by date, the sidecar tree, differences) is in
+:mod:`qemusnap.discover`; the sidecar files in :mod:`qemusnap.sidecar` and the store.
+
 * first contact and ``qemusnap adopt``: snapshots found on disk that the store does not know
   are added (internal tags another tool made, marked ``adopted``; and snapshots whose sidecars
   survive a lost state directory);
@@ -9,12 +12,22 @@
 
 The images are never written here: only the store (and, through it, the sidecars).
 
-Journal and recovery: the store changes in one SQLite transaction
-(:meth:`Store.replace_snapshots`), so a rebuild killed part-way leaves the store as it was and
-running it again does the whole job; the sidecars, rewritten after the commit, are brought in
-line again by that next run (and by any later write of the store).  Crash points:
-``rebuild:scanned`` (before any write), ``rebuild:half-recorded`` (inside the transaction),
-``rebuild:committed`` (before the sidecars are rewritten).
+Steps of ``rebuild`` (journal entry ``rebuild``, data ``{name, committed}``), crash points:
+
+1. ``journaled``: the entry is written (the lock is held since the start);
+2. ``scanned``: images and sidecars read, nothing written yet;
+3. ``half-recorded``: inside the one SQLite transaction that replaces the VM's tree
+   (:meth:`Store.replace_snapshots`), half the snapshots written;
+4. the transaction commits; ``committed=True`` is journaled; ``committed``;
+5. the sidecars are rewritten from the new store; the entry ends.
+
+Recovery (:func:`recover_rebuild`): killed before the commit, SQLite rolled the transaction
+back, the store is as it was and there is nothing to undo (running ``rebuild`` again, or the
+next command's first contact on an empty store, does the whole job); killed after it, the
+sidecars are rewritten from the store.  Never the images: this room does not write them.
+
+``adopt`` (and first contact) adds what the store lacks in one transaction, then the store
+rewrites the sidecars: no journal entry, an interrupted adopt left nothing or everything.
 """
 
 from __future__ import annotations
@@ -26,22 +39,25 @@ from typing import Any
 
 import attrs
 
-from . import sidecar
-from .discover import (
+from .. import sidecar
+from ..aio import deadline
+from ..discover import (
     Described,
     Difference,
     DiskTags,
     FoundTag,
-    adopt,
     diff,
     match_tags,
     tree_from_sidecars,
 )
-from .errors import OperationError
-from .faults import crashpoint
-from .models import Disk, DiskSnapshotKind, MemoryKind, Snapshot
-from .qemu_img import QemuImg
-from .store import DiskRecord, Store
+from ..discover import adopt as adopt_tags
+from ..errors import OperationError
+from ..models import Disk, DiskSnapshotKind, MemoryKind, Snapshot
+from ..qemu_img import QemuImg
+from ..store import DiskRecord, Store
+from .context import DEFAULT_TIMEOUT, Context
+from .journal import Journal, journaled, operation, recovers
+from .shared import disks as current_disks
 
 log = logging.getLogger("qemusnap.rebuild")
 
@@ -138,8 +154,11 @@ async def discover(
     disks: Sequence[Disk],
     qemu_img: QemuImg,
     search: Sequence[str] = (),
+    *,
+    by_chain: bool = False,
 ) -> Discovery:
-    """Read the VM's images and the sidecars beside them (and in ``search``)."""
+    """Read the VM's images and the sidecars beside them (and in ``search``).  ``by_chain``:
+    see :func:`_choose_uid`."""
     images = _Images(qemu_img)
     chain_files: list[str] = []
     tags: list[DiskTags] = []
@@ -159,7 +178,7 @@ async def discover(
         if os.path.dirname(path) not in directories
     }
     documents += sidecar.scan(sorted(more))
-    uid = _choose_uid(store.vm(vm_id).uid, documents, set(chain_files), disks)
+    uid = _choose_uid(store.vm(vm_id).uid, documents, set(chain_files), disks, by_chain=by_chain)
     mine = [doc for _, doc in documents if doc.get("vm", {}).get("uid") == uid]
     described = []
     for doc in mine:
@@ -174,7 +193,7 @@ async def discover(
     # A dropped snapshot's tag left on some disks only is adopted again, as partial: it can
     # still be deleted.
     found_tags = tuple(match_tags(tags))
-    adopted = adopt(found_tags, [d.name for d in disks], tree)
+    adopted = adopt_tags(found_tags, [d.name for d in disks], tree)
     newest = max(described, key=lambda d: d.written, default=None)
     vm = next((doc["vm"] for doc in mine if newest and doc.get("written") == newest.written), None)
     return Discovery(uid, (*tree, *adopted), tuple(dropped), vm, len(mine), found_tags)
@@ -192,9 +211,18 @@ def _choose_uid(
     documents: Sequence[tuple[str, dict[str, Any]]],
     chain_files: set[str],
     disks: Sequence[Disk],
+    *,
+    by_chain: bool = False,
 ) -> str | None:
     """The VM identity the sidecars give this VM: the store's own if some sidecar carries it,
-    else that of the sidecars that name an image of the disks' chains (the newest wins)."""
+    else that of the sidecars whose VM record runs on these very active images (the current
+    snapshot's sidecar always has the latest record; the newest wins).
+
+    Only with ``by_chain`` (an explicit ``rebuild``: the user says these disks are that VM)
+    does a sidecar naming any image of the disks' chains do.  Never on first contact: a clone
+    (``qemusnap clone``), or a VM made by hand on top of another VM's frozen images, reads
+    through images other VMs' sidecars describe, and must not take their snapshots (nor the
+    files they own) for its own."""
     uids = {doc.get("vm", {}).get("uid") for _, doc in documents}
     if known in uids:
         return known
@@ -202,22 +230,29 @@ def _choose_uid(
     linked = [
         doc
         for _, doc in documents
-        if set(_files_of(doc)) & chain_files
-        or {d.get("file") for d in doc.get("vm", {}).get("disks", [])} & active
+        if {d.get("file") for d in doc.get("vm", {}).get("disks", [])} & active
     ]
+    if not linked and by_chain:
+        linked = [doc for _, doc in documents if set(_files_of(doc)) & chain_files]
     newest = max(linked, key=lambda doc: int(doc.get("written", 0)), default=None)
     return newest["vm"]["uid"] if newest else None
 
 
 async def compare(
-    store: Store, vm_id: int, disks: Sequence[Disk], qemu_img: QemuImg, search: Sequence[str] = ()
+    store: Store,
+    vm_id: int,
+    disks: Sequence[Disk],
+    qemu_img: QemuImg,
+    search: Sequence[str] = (),
+    *,
+    by_chain: bool = False,
 ) -> tuple[Discovery, list[Snapshot], list[Difference]]:
     """(what the disks say, the tree to keep, how the store differs from it).
 
     The tree to keep is the discovered one plus store snapshots with no sidecar whose data is
     all there (taken before sidecars existed, or whose sidecar could not be written).
     """
-    found = await discover(store, vm_id, disks, qemu_img, search)
+    found = await discover(store, vm_id, disks, qemu_img, search, by_chain=by_chain)
     images = _Images(qemu_img)
     names = {s.name for s in found.snapshots}
     current = store.snapshots(vm_id)
@@ -233,35 +268,61 @@ async def compare(
 
 
 async def rebuild(
-    store: Store,
-    vm_id: int,
-    disks: Sequence[Disk],
-    qemu_img: QemuImg,
+    ctx: Context,
     search: Sequence[str] = (),
     *,
     apply: bool = False,
+    timeout: float = DEFAULT_TIMEOUT,
 ) -> RebuildReport:
     """Replace the store's tree with the one on disk when the store has none or ``apply``;
     else only report how they differ."""
-    found, kept, differences = await compare(store, vm_id, disks, qemu_img, search)
-    crashpoint("rebuild", "scanned")
-    empty = not store.snapshots(vm_id)
-    if not (apply or empty) or not differences:
-        if not differences:
-            # The store agrees: this finishes a run killed after its commit.  (While they
-            # disagree, the sidecars are left as they are: only reported.)
+    async with deadline(timeout, "rebuild"), operation(ctx, "rebuild"):
+        store, vm_id = ctx.store, ctx.vm_id
+        disks = await current_disks(ctx)
+        async with journaled(ctx, "rebuild", name="", committed=False) as journal:
+            found, kept, differences = await compare(
+                store, vm_id, disks, ctx.qemu_img, search, by_chain=True
+            )
+            journal.passed("scanned")
+            empty = not store.snapshots(vm_id)
+            if not (apply or empty) or not differences:
+                if not differences:
+                    # The store agrees: this finishes a run killed after its commit.  (While
+                    # they disagree, the sidecars are left as they are: only reported.)
+                    store.sync_sidecars(vm_id)
+                return RebuildReport(tuple(differences), applied=False, dropped=found.dropped)
+            before = {s.name for s in store.snapshots(vm_id)}
+            with store.atomic():
+                if found.uid:
+                    store.set_uid(vm_id, found.uid)
+                _restore_vm_record(store, vm_id, found.vm, disks)
+                store.replace_snapshots(vm_id, kept, crash=lambda: journal.passed("half-recorded"))
+            journal.update(committed=True)
+            journal.passed("committed")
             store.sync_sidecars(vm_id)
-        return RebuildReport(tuple(differences), applied=False, dropped=found.dropped)
-    before = {s.name for s in store.snapshots(vm_id)}
-    with store.atomic():
-        if found.uid:
-            store.set_uid(vm_id, found.uid)
-        _restore_vm_record(store, vm_id, found.vm, disks)
-        store.replace_snapshots(vm_id, kept, crash=lambda: crashpoint("rebuild", "half-recorded"))
-    crashpoint("rebuild", "committed")
-    store.sync_sidecars(vm_id)
-    added = tuple(s.name for s in kept if s.name not in before)
-    return RebuildReport(tuple(differences), applied=True, added=added, dropped=found.dropped)
+        added = tuple(s.name for s in kept if s.name not in before)
+        return RebuildReport(tuple(differences), applied=True, added=added, dropped=found.dropped)
+
+
+@recovers("rebuild")
+async def recover_rebuild(ctx: Context, data: dict[str, Any], journal: Journal) -> None:
+    """Before the commit: nothing happened (SQLite rolled back).  After: the sidecars."""
+    if data.get("committed"):
+        ctx.store.sync_sidecars(ctx.vm_id)
+
+
+async def adopt(ctx: Context, *, timeout: float = DEFAULT_TIMEOUT) -> list[Snapshot]:
+    """Add the snapshots the images hold that the store does not know (``adopted`` for tags
+    another tool made).  Returns those added."""
+    async with deadline(timeout, "adopt"), operation(ctx, "adopt"):
+        return await adopt_missing(ctx.store, ctx.vm_id, await current_disks(ctx), ctx.qemu_img)
+
+
+async def differences(ctx: Context, *, timeout: float = DEFAULT_TIMEOUT) -> list[Difference]:
+    """How the store disagrees with the images and sidecars (``check`` reports them)."""
+    async with deadline(timeout, "compare"):
+        _, _, found = await compare(ctx.store, ctx.vm_id, await current_disks(ctx), ctx.qemu_img)
+    return found
 
 
 async def adopt_missing(
@@ -285,7 +346,7 @@ async def adopt_missing(
             names.add(snap.name)
             has_current = has_current or current
         # Tags another tool made are placed by date among the snapshots the store knows.
-        for snap in adopt(found.tags, [d.name for d in disks], store.snapshots(vm_id)):
+        for snap in adopt_tags(found.tags, [d.name for d in disks], store.snapshots(vm_id)):
             store.add_snapshot(vm_id, snap, make_current=snap.current and not has_current)
     return [s for s in store.snapshots(vm_id) if s.name not in {k.name for k in known}]
 
