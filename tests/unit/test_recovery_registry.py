@@ -6,7 +6,15 @@ from __future__ import annotations
 
 import pytest
 
-from qemusnap.engine import create_external, create_internal, delete, revert, save_restore
+from qemusnap.engine import (
+    clone,
+    create_external,
+    create_internal,
+    delete,
+    rebuild,
+    revert,
+    save_restore,
+)
 from qemusnap.engine.journal import declared_operations, recovers, recovery_for
 from qemusnap.errors import OperationError
 
@@ -19,6 +27,8 @@ JOURNAL_OPERATIONS = {
     "delete-external": delete.recover_delete_external,
     "save": save_restore.recover_save,
     "restore": save_restore.recover_restore,
+    "clone": clone._recover,
+    "rebuild": rebuild.recover_rebuild,
 }
 
 
