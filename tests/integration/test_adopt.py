@@ -220,3 +220,27 @@ def test_template_chain_is_never_written(short_tmp: Path) -> None:
     assert _sha(template) == before
     check_clean(vm_disk)
     check_clean(template)
+
+
+def test_a_vm_on_another_vms_frozen_image_adopts_none_of_its_snapshots(short_tmp: Path) -> None:
+    """VM b is an overlay made by hand on an image VM a froze (as a clone is): b reads
+    through images a's sidecars describe, yet on first contact takes none of a's snapshots,
+    nor a's files for its own."""
+    (a,) = make_disks(short_tmp, ("a",))
+    write_cold(a, P1)
+    qs(short_tmp / "state-a", "--disk", a, "create", "s1", "--disk-only")
+    b = short_tmp / "b.qcow2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-b", str(a), "-F", "qcow2", str(b)],
+        check=True,
+    )
+    state_b = short_tmp / "state-b"
+    assert qs_json(state_b, "--disk", b, "list") == []
+    chain = qs_json(state_b, "chain")[0]["images"]
+    assert [(Path(i["filename"]).name, i["owned"]) for i in chain] == [
+        ("b.qcow2", False),
+        ("a.qcow2", False),
+    ]
+    assert "shared backing file" in qs(state_b, "chain").stdout
+    # a still has its snapshot, b none.
+    assert [s["name"] for s in qs_json(short_tmp / "state-a", "list")] == ["s1"]
