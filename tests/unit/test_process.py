@@ -13,21 +13,24 @@ from qemusnap.errors import OperationError, OperationTimeout
 from qemusnap.process import Completed, ProgramNotFoundError, run, which
 
 
-def test_output_and_stdin() -> None:
-    done = asyncio.run(run(["sh", "-c", "cat; echo err >&2"], timeout=10, stdin_data=b"hi\n"))
+@pytest.mark.asyncio
+async def test_output_and_stdin() -> None:
+    done = await run(["sh", "-c", "cat; echo err >&2"], timeout=10, stdin_data=b"hi\n")
     assert (done.returncode, done.stdout, done.stderr) == (0, "hi\n", "err\n")
     assert done.argv == ("sh", "-c", "cat; echo err >&2")
 
 
-def test_failure_reports_last_stderr_line() -> None:
+@pytest.mark.asyncio
+async def test_failure_reports_last_stderr_line() -> None:
     argv = ["sh", "-c", "echo first >&2; echo 'the reason' >&2; exit 3"]
     with pytest.raises(OperationError, match=r"sh failed: the reason$"):
-        asyncio.run(run(argv, timeout=10))
-    done = asyncio.run(run(argv, timeout=10, check=False))
+        await run(argv, timeout=10)
+    done = await run(argv, timeout=10, check=False)
     assert done.returncode == 3
 
 
-def test_failure_uses_the_error_factory() -> None:
+@pytest.mark.asyncio
+async def test_failure_uses_the_error_factory() -> None:
     class Boom(OperationError):
         pass
 
@@ -35,17 +38,19 @@ def test_failure_uses_the_error_factory() -> None:
         return Boom(f"rc={done.returncode} {done.stdout.strip()}")
 
     with pytest.raises(Boom, match="rc=4 out"):
-        asyncio.run(run(["sh", "-c", "echo out; exit 4"], timeout=10, error=factory))
+        await run(["sh", "-c", "echo out; exit 4"], timeout=10, error=factory)
 
 
-def test_env() -> None:
-    done = asyncio.run(run(["sh", "-c", "echo $QS_X"], timeout=10, env={"QS_X": "y"}))
+@pytest.mark.asyncio
+async def test_env() -> None:
+    done = await run(["sh", "-c", "echo $QS_X"], timeout=10, env={"QS_X": "y"})
     assert done.stdout == "y\n"
 
 
-def test_missing_program(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_missing_program(tmp_path: Path) -> None:
     with pytest.raises(ProgramNotFoundError, match="qemu-img not found: install qemu-utils"):
-        asyncio.run(run([str(tmp_path / "qemu-img"), "info"], timeout=10))
+        await run([str(tmp_path / "qemu-img"), "info"], timeout=10)
 
 
 def test_which(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -79,42 +84,37 @@ def _gone(pid_file: Path) -> bool:
     return False
 
 
-def test_timeout_kills_and_reaps(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_timeout_kills_and_reaps(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
     start = time.monotonic()
     with pytest.raises(OperationTimeout, match=r"sh did not finish within 0\.3 s") as info:
-        asyncio.run(run(_sleeper(pid_file), timeout=0.3))
+        await run(_sleeper(pid_file), timeout=0.3)
     assert isinstance(info.value, TimeoutError)
     assert time.monotonic() - start < 5
     assert _gone(pid_file)  # killed and reaped: not even a zombie
 
 
-def test_cancellation_kills_and_reaps(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_cancellation_kills_and_reaps(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
-
-    async def scenario() -> None:
-        task = asyncio.create_task(run(_sleeper(pid_file), timeout=60))
-        for _ in range(1000):
-            if pid_file.exists() and pid_file.read_text().strip():
-                break
-            await asyncio.sleep(0.01)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-        assert _gone(pid_file)
-
-    asyncio.run(scenario())
+    task = asyncio.create_task(run(_sleeper(pid_file), timeout=60))
+    for _ in range(1000):
+        if pid_file.exists() and pid_file.read_text().strip():
+            break
+        await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert _gone(pid_file)
 
 
-def test_outer_timeout_is_not_wrapped(tmp_path: Path) -> None:
+@pytest.mark.asyncio
+async def test_outer_timeout_is_not_wrapped(tmp_path: Path) -> None:
     pid_file = tmp_path / "pid"
-
-    async def scenario() -> None:
-        # The caller's own deadline cancels run(); that is the caller's TimeoutError, not ours.
-        with pytest.raises(TimeoutError) as info:
-            async with asyncio.timeout(0.3):
-                await run(_sleeper(pid_file), timeout=60)
-        assert not isinstance(info.value, OperationTimeout)
-        assert _gone(pid_file)
-
-    asyncio.run(scenario())
+    # The caller's own deadline cancels run(); that is the caller's TimeoutError, not ours.
+    with pytest.raises(TimeoutError) as info:
+        async with asyncio.timeout(0.3):
+            await run(_sleeper(pid_file), timeout=60)
+    assert not isinstance(info.value, OperationTimeout)
+    assert _gone(pid_file)
