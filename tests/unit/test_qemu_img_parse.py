@@ -5,7 +5,6 @@ The JSON and stderr texts were recorded from qemu-img 7.2 (Debian bookworm).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from pathlib import Path
 
@@ -288,18 +287,15 @@ def fake(tmp_path: Path) -> tuple[QemuImg, Path]:
     return QemuImg(str(script), timeout=10), log
 
 
-def test_argv(fake: tuple[QemuImg, Path]) -> None:
+@pytest.mark.asyncio
+async def test_argv(fake: tuple[QemuImg, Path]) -> None:
     img, log = fake
-
-    async def calls() -> None:
-        await img.info("/t/x", force_share=True, fmt="qcow2")
-        await img.check("/t/x", repair="all")
-        await img.snapshot_apply("/t/x", "2")
-        await img.snapshot_delete("/t/x", "2")
-        await img.rebase("/t/x", None, unsafe=True)
-        await img.commit("/t/x", base="/t/b", keep_top=True)
-
-    asyncio.run(calls())
+    await img.info("/t/x", force_share=True, fmt="qcow2")
+    await img.check("/t/x", repair="all")
+    await img.snapshot_apply("/t/x", "2")
+    await img.snapshot_delete("/t/x", "2")
+    await img.rebase("/t/x", None, unsafe=True)
+    await img.commit("/t/x", base="/t/b", keep_top=True)
     assert log.read_text().splitlines() == [
         "info --output=json -f qcow2 --backing-chain -U /t/x",
         "check --output=json -r all /t/x",
@@ -312,8 +308,11 @@ def test_argv(fake: tuple[QemuImg, Path]) -> None:
     ]
 
 
-def test_repair_with_force_share_is_refused_before_running(fake: tuple[QemuImg, Path]) -> None:
+@pytest.mark.asyncio
+async def test_repair_with_force_share_is_refused_before_running(
+    fake: tuple[QemuImg, Path],
+) -> None:
     img, log = fake
     with pytest.raises(UsageError, match="refusing to repair"):
-        asyncio.run(img.check("/t/x", repair="leaks", force_share=True))
+        await img.check("/t/x", repair="leaks", force_share=True)
     assert not log.exists()
