@@ -5,7 +5,6 @@ QMP goes over a socketpair passed to QEMU as ``-chardev socket,fd=N``: no socket
 
 from __future__ import annotations
 
-import asyncio
 import socket
 import subprocess
 import tempfile
@@ -33,9 +32,10 @@ def start_qemu(image: Path, qmp_fd: int, stdout: Path) -> subprocess.Popen[bytes
         )
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
-def test_real_qemu(short_tmp: Path) -> None:
+async def test_real_qemu(short_tmp: Path) -> None:
     image = short_tmp / "vda.qcow2"
     overlay = short_tmp / "vda-ov.qcow2"
     log = short_tmp / "qemu.out"
@@ -44,7 +44,7 @@ def test_real_qemu(short_tmp: Path) -> None:
     with theirs:
         qemu = start_qemu(image, theirs.fileno(), log)
 
-    async def scenario() -> None:
+    try:
         async with await Monitor.connect(ours, name="real") as mon:
             assert mon.qemu_version is not None and mon.qemu_version >= (7, 0, 0)
             assert await mon.query_status() == RunStatus("prelaunch", False)
@@ -107,9 +107,6 @@ def test_real_qemu(short_tmp: Path) -> None:
 
             await mon.quit()
             assert not mon.connected
-
-    try:
-        asyncio.run(scenario())
         assert qemu.wait(timeout=15) == 0
     finally:
         ours.close()
