@@ -57,19 +57,25 @@ async def guest_sh(qga: Path, script: str) -> str:
     return result.stdout.decode()
 
 
+@pytest.mark.asyncio
 @pytest.mark.guest
-def test_memory_file_on_a_full_filesystem(short_tmp: Path) -> None:
+async def test_memory_file_on_a_full_filesystem(short_tmp: Path) -> None:
     """The RAM of a booted guest (64 MiB of it non-zero) does not fit in the 16 MiB left on the
-    filesystem of the memory file: ``create --memory-file`` and ``save`` fail mid-write."""
+    filesystem of the memory file: ``create --memory-file`` and ``save`` fail mid-write.
+
+    The CLI runs block this test's loop (nothing else runs in it: the serial log is a file read
+    between the steps).  ``assert_nothing_half_made`` and ``vm.running`` go through
+    ``ForeignVM.monitor``, a sync helper with its own ``asyncio.run``: they run in a worker
+    thread."""
     (disk,) = make_disks(short_tmp, ["vda"])
     state = short_tmp / "state"
     config = attrs.evolve(guest_config(short_tmp, [disk]), qmp_socket=str(short_tmp / "qmp.sock"))
     serial = Serial(config.serial_log or "")
     small = short_tmp / "small"
     with tmpfs(small, "512m"), ForeignVM(config, short_tmp / "qemu.log") as vm:
-        asyncio.run(serial.wait_for(b"qemusnap-guest ready"))
+        await serial.wait_for(b"qemusnap-guest ready")
         # Zero pages cost nothing in a migration stream: make the RAM really take room.
-        asyncio.run(guest_sh(short_tmp / "qga.sock", FILL_64_MIB))
+        await guest_sh(short_tmp / "qga.sock", FILL_64_MIB)
         filler = fill(small, leave=16 * MIB)
         before = images(short_tmp)
 
@@ -77,27 +83,27 @@ def test_memory_file_on_a_full_filesystem(short_tmp: Path) -> None:
         done = cli("--qmp", vm.qmp, "create", "c1", "--memory-file", memory, state=state, expect=1)
         assert str(memory) in done.stderr and "No space left" in done.stderr, done.stderr
         assert os.listdir(small) == ["filler"]  # the partial memory file is gone
-        assert_nothing_half_made(vm, state, disk, before)
+        await asyncio.to_thread(assert_nothing_half_made, vm, state, disk, before)
 
         saved = small / "saved.state"
         done = cli("--qmp", vm.qmp, "save", saved, state=state, expect=1)
         assert str(saved) in done.stderr and "No space left" in done.stderr, done.stderr
         assert os.listdir(small) == ["filler"]
-        assert_nothing_half_made(vm, state, disk, before)
+        await asyncio.to_thread(assert_nothing_half_made, vm, state, disk, before)
         last = serial.last_counter()
-        asyncio.run(serial.wait_counter_at_least(last + 1))  # the guest still runs
+        await serial.wait_counter_at_least(last + 1)  # the guest still runs
 
         filler.unlink()
         cli("--qmp", vm.qmp, "create", "c1", "--memory-file", memory, state=state)
         at_snapshot = serial.last_counter()
         assert memory.stat().st_size > 64 * MIB and memory.stat().st_mode & 0o777 == 0o600
-        assert vm.running()
-        asyncio.run(serial.wait_counter_at_least(at_snapshot + 3))
+        assert await asyncio.to_thread(vm.running)
+        await serial.wait_counter_at_least(at_snapshot + 3)
         serial.mark()
         cli("--qmp", vm.qmp, "revert", "c1", state=state)
-        resumed = asyncio.run(serial.next_counter())
+        resumed = await serial.next_counter()
         assert at_snapshot <= resumed <= at_snapshot + 1, (at_snapshot, resumed)
-        assert vm.running()
+        assert await asyncio.to_thread(vm.running)
         assert [s["name"] for s in cli_json("--qmp", vm.qmp, "list", state=state)] == ["c1"]
 
 
