@@ -11,7 +11,6 @@ that made it), and the metadata and the images must agree afterwards.
 
 from __future__ import annotations
 
-import asyncio
 import ctypes
 import os
 import shutil
@@ -247,33 +246,31 @@ def test_live_create_and_delete_at_once_run_one_after_the_other(
         assert vm.running()
 
 
-def test_busy_error_names_the_running_operation(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_busy_error_names_the_running_operation(short_tmp: Path) -> None:
     """While another process holds the VM (simulated: the test holds its lock), an operation
     waits ``lock_timeout`` seconds, then fails with BusyError naming that operation; nothing
     changed."""
     (disk,) = make_disks(short_tmp, ["vda"], size="8M")
     state = short_tmp / "state"
 
-    async def scenario() -> None:
-        async with await VM.cold([str(disk)], state_dir=state) as vm:
-            lock = VMLock(vm.store.lock_path(vm.record.id), "create big")
-            assert lock.try_acquire()
-            try:
-                vm.lock_timeout = 0.5
-                begun = time.monotonic()
-                with pytest.raises(BusyError, match=rf"busy: create big \(pid {os.getpid()}"):
-                    await vm.create("x", disk_only=True)
-                assert 0.5 <= time.monotonic() - begun < 5
-                with pytest.raises(BusyError, match="create big"):
-                    await vm.delete("x")
-            finally:
-                lock.release()
-            assert vm.snapshots() == []
-            assert sorted(p.name for p in short_tmp.iterdir()) == ["state", "vda.qcow2"]
-            await vm.create("x", disk_only=True)  # released: it works
-            assert [s.name for s in vm.snapshots()] == ["x"]
-
-    asyncio.run(scenario())
+    async with await VM.cold([str(disk)], state_dir=state) as vm:
+        lock = VMLock(vm.store.lock_path(vm.record.id), "create big")
+        assert lock.try_acquire()
+        try:
+            vm.lock_timeout = 0.5
+            begun = time.monotonic()
+            with pytest.raises(BusyError, match=rf"busy: create big \(pid {os.getpid()}"):
+                await vm.create("x", disk_only=True)
+            assert 0.5 <= time.monotonic() - begun < 5
+            with pytest.raises(BusyError, match="create big"):
+                await vm.delete("x")
+        finally:
+            lock.release()
+        assert vm.snapshots() == []
+        assert sorted(p.name for p in short_tmp.iterdir()) == ["state", "vda.qcow2"]
+        await vm.create("x", disk_only=True)  # released: it works
+        assert [s.name for s in vm.snapshots()] == ["x"]
 
 
 def test_cli_busy_error_after_lock_timeout(short_tmp: Path) -> None:
@@ -300,13 +297,15 @@ def test_cli_busy_error_after_lock_timeout(short_tmp: Path) -> None:
     assert "busy" in done.stderr and f"create big (pid {os.getpid()}" in done.stderr
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
-def test_live_second_process_gets_busy_error_naming_the_operation(short_tmp: Path) -> None:
+async def test_live_second_process_gets_busy_error_naming_the_operation(short_tmp: Path) -> None:
     (disk,) = make_disks(short_tmp, ["vda"], size="8M")
     state = short_tmp / "state"
     config = firmware_config([disk], qmp_socket=str(short_tmp / "qmp.sock"))
 
-    async def scenario(sock: str) -> None:
+    with ForeignVM(config, short_tmp / "qemu.log") as vm:
+        sock = str(vm.qmp)
         # The first qemusnap: attached (holding the monitor) and inside an operation (the lock).
         async with await VM.attach(sock, state_dir=state) as first:
             lock = VMLock(first.store.lock_path(first.record.id), "create big")
@@ -316,6 +315,3 @@ def test_live_second_process_gets_busy_error_naming_the_operation(short_tmp: Pat
                     await VM.attach(sock, state_dir=state, timeout=2)
             finally:
                 lock.release()
-
-    with ForeignVM(config, short_tmp / "qemu.log") as vm:
-        asyncio.run(scenario(str(vm.qmp)))
