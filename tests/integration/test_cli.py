@@ -235,13 +235,12 @@ def _start_foreign_qemu(disk: Path, sock: Path, *extra: str) -> subprocess.Popen
     return proc
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
-def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
+async def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
     """A QEMU someone else launched: an external revert restarts it from its own command line,
     every argument kept but the disk, detached from qemusnap's output pipes."""
-    import asyncio
-
     from livevm import read_live, write_live
 
     (disk,) = make_disks(short_tmp, ["vda"])
@@ -249,11 +248,11 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
     proc = _start_foreign_qemu(disk, sock, "-name", "foreign-vm", "-serial", f"file:{serial}")
     new_pid = None
     try:
-        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x61)))
+        await _with_monitor(sock, lambda m: write_live(m, "vda", 0x61))
         created = run_json("--qmp", sock, "create", "e1", "--disk-only", state=state)
         assert created["kind"] == "external"  # type: ignore[index]
         assert created["disks"][0]["file"] == str(disk)  # type: ignore[index]
-        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x62)))
+        await _with_monitor(sock, lambda m: write_live(m, "vda", 0x62))
         run("--qmp", sock, "revert", "e1", state=state, expect=2)  # needs --force
         with serial.open("ab") as log:
             log.write(b"console before the revert\n")
@@ -270,8 +269,8 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
         assert text[text.index("-qmp") + 1] == f"unix:{sock},server=on,wait=off"
         drive = text[text.index("-drive") + 1]
         assert drive.startswith("file=") and str(disk) not in drive
-        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x61)))
-        status = asyncio.run(_with_monitor(sock, lambda m: m.query_status()))
+        assert await _with_monitor(sock, lambda m: read_live(m, "vda", 0x61))
+        status = await _with_monitor(sock, lambda m: m.query_status())
         assert status.running  # type: ignore[attr-defined]
         (chain,) = run_json("--qmp", sock, "chain", state=state)  # type: ignore[misc]
         assert chain["images"][0]["filename"] == drive.split(",")[0][len("file=") :]
@@ -279,7 +278,7 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
         run_json("--qmp", sock, "delete", "e1", state=state)
         (chain,) = run_json("--qmp", sock, "chain", state=state)  # type: ignore[misc]
         assert [i["filename"] for i in chain["images"]] == [str(disk)]  # merged back into base
-        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x61)))
+        assert await _with_monitor(sock, lambda m: read_live(m, "vda", 0x61))
     finally:
         proc.kill()
         proc.wait()
@@ -287,13 +286,12 @@ def test_external_revert_restarts_foreign_qemu(short_tmp: Path) -> None:
             os.kill(new_pid, 9)
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
-def test_cold_revert_of_a_checkpoint_starts_qemu_again(short_tmp: Path) -> None:
+async def test_cold_revert_of_a_checkpoint_starts_qemu_again(short_tmp: Path) -> None:
     """The VM is off, but qemusnap recorded its command line: a checkpoint comes back in the
     run state it was taken in (QEMU started from that command line, memory loaded)."""
-    import asyncio
-
     from livevm import read_live, write_live
 
     (disk,) = make_disks(short_tmp, ["vda"])
@@ -301,16 +299,16 @@ def test_cold_revert_of_a_checkpoint_starts_qemu_again(short_tmp: Path) -> None:
     proc = _start_foreign_qemu(disk, sock)
     new_pid = None
     try:
-        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x71)))
+        await _with_monitor(sock, lambda m: write_live(m, "vda", 0x71))
         run_json("--qmp", sock, "create", "c1", state=state)
-        asyncio.run(_with_monitor(sock, lambda m: write_live(m, "vda", 0x72)))
-        asyncio.run(_with_monitor(sock, lambda m: m.quit()))
+        await _with_monitor(sock, lambda m: write_live(m, "vda", 0x72))
+        await _with_monitor(sock, lambda m: m.quit())
         assert proc.wait(timeout=30) == 0
         reverted = run_json("revert", "c1", state=state)  # no --qmp: the VM is off
         assert reverted["name"] == "c1"  # type: ignore[index]
         new_pid = _peer_pid(sock)
-        assert asyncio.run(_with_monitor(sock, lambda m: read_live(m, "vda", 0x71)))
-        status = asyncio.run(_with_monitor(sock, lambda m: m.query_status()))
+        assert await _with_monitor(sock, lambda m: read_live(m, "vda", 0x71))
+        status = await _with_monitor(sock, lambda m: m.query_status())
         assert status.running  # type: ignore[attr-defined]
     finally:
         proc.kill()
