@@ -34,6 +34,7 @@ from typing import Any
 import attrs
 
 from . import hostmem
+from .capabilities import pin_machine
 from .errors import LaunchError, OperationTimeout, UnsupportedError
 from .monitor import Monitor
 
@@ -122,6 +123,11 @@ class MachineConfig:
                 f"memory_mib={self.memory_mib}: huge-page guest RAM must be a multiple of"
                 f" {hostmem.HUGE_PAGE_MIB} MiB"
             )
+
+    def with_machine(self, resolved: str) -> MachineConfig:
+        """This config with its machine type pinned (see :meth:`RecordedLaunch.with_machine`)."""
+        pinned = pin_machine(self.machine_type, resolved)
+        return self if pinned is None else attrs.evolve(self, machine_type=pinned)
 
     def argv(self, *, paused: bool = False, incoming: bool = False) -> list[str]:
         machine = self.machine_type
@@ -430,12 +436,41 @@ class RecordedLaunch:
     def with_disks(self, replace: Mapping[str, str]) -> RecordedLaunch:
         return attrs.evolve(self, argv=tuple(replace_disk_paths(self.argv, replace, self.cwd)))
 
+    def with_machine(self, resolved: str) -> RecordedLaunch:
+        """Pin the machine type to ``resolved`` (e.g. ``pc-q35-7.2``) where the command line
+        names an alias (``-machine q35``/``pc``) or none: a memory file restores only into
+        the type it was taken on, and after a QEMU upgrade the alias means a newer type."""
+        return attrs.evolve(self, argv=tuple(pin_machine_in_argv(self.argv, resolved)))
+
     @property
     def owner(self) -> tuple[int, int] | None:
         """(uid, gid) when QEMU ran as another user than us: new files must be theirs."""
         if self.uid is None or self.gid is None or self.uid == os.getuid():
             return None
         return self.uid, self.gid
+
+
+_MACHINE_FLAGS = ("-machine", "--machine", "-M")
+
+
+def pin_machine_in_argv(argv: Sequence[str], resolved: str) -> list[str]:
+    """``argv`` with its machine type pinned to ``resolved`` (see
+    :meth:`RecordedLaunch.with_machine`); a versioned type given explicitly is kept."""
+    out = list(argv)
+    typed = False
+    for i in range(1, len(out) - 1):
+        if out[i] not in _MACHINE_FLAGS:
+            continue
+        head = out[i + 1].partition(",")[0]
+        if "=" in head and not head.startswith("type="):
+            continue  # "-machine accel=tcg": options only, the type comes from elsewhere
+        typed = True
+        pinned = pin_machine(out[i + 1], resolved)
+        if pinned is not None:
+            out[i + 1] = pinned
+    if not typed:
+        out[1:1] = ["-machine", resolved]  # no type given: QEMU's default alias "pc"
+    return out
 
 
 # Options whose value names an image file, in QEMU's "key=value,key=value" syntax.

@@ -1,9 +1,13 @@
-"""Memory state to and from a file: QEMU's migration stream over a passed file descriptor.
+"""Memory state to and from a file: QEMU's migration stream (or mapped-ram file) on our fd.
 
-QEMU 7.2 has no ``file:`` migration URI (8.2) nor ``mapped-ram`` (9.0): the file is opened here
-(mode 0600, never over an existing file), handed to QEMU with ``getfd`` and used as ``fd:NAME``.
-:class:`FdTransport` is the one place that knows this; a newer QEMU can get another transport
-with the same two methods.
+The file is always opened here (mode 0600, never over an existing file) and handed to QEMU, so
+QEMU needs no access to the directory and the file belongs to us.  How it is handed over and in
+which format QEMU writes it is decided by :mod:`qemusnap.capabilities` from what the QEMU
+process offers; the two transports behind :class:`MemoryFiles` are
+
+- :class:`FdTransport`: ``getfd`` + ``fd:NAME`` (QEMU 7.2 has nothing else);
+- :class:`FileTransport`: ``add-fd`` + ``file:/dev/fdset/N`` (8.2+; QEMU 11 refuses ``fd:`` to
+  a regular file), as a stream or, with ``mapped-ram`` + ``multifd``, as a mapped-ram file.
 """
 
 from __future__ import annotations
@@ -14,8 +18,9 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import Any, Protocol
 
+from .capabilities import MemoryFormat, MemoryMechanism, Transport
 from .errors import MemoryFileError, OperationTimeout, TargetExistsError
 from .monitor import Monitor
 
@@ -30,8 +35,87 @@ FD_NAME = "qemusnap-memory"
 POLL_INTERVAL = 0.02
 
 
+class _Handover(Protocol):
+    """One way to give QEMU our file: :meth:`give` returns the migration address."""
+
+    async def give(self, monitor: Monitor, fd: int) -> str: ...
+
+    async def take_back(self, monitor: Monitor) -> None: ...
+
+
 class FdTransport:
-    """Migration to/from a regular file through ``getfd`` + ``fd:`` URIs."""
+    """``getfd`` + ``fd:NAME``: QEMU reads or writes a stream through our descriptor."""
+
+    async def give(self, monitor: Monitor, fd: int) -> str:
+        await monitor.send_fd(fd, FD_NAME)
+        return f"fd:{FD_NAME}"
+
+    async def take_back(self, monitor: Monitor) -> None:
+        await monitor.close_fd(FD_NAME)
+
+
+class FileTransport:
+    """``add-fd`` + ``file:/dev/fdset/N``: QEMU opens the file from the fd set (once per
+    multifd channel), and can seek in it (mapped-ram)."""
+
+    def __init__(self) -> None:
+        self._fdset: int | None = None
+
+    async def give(self, monitor: Monitor, fd: int) -> str:
+        self._fdset = await monitor.add_fd(fd, opaque=FD_NAME)
+        return f"file:/dev/fdset/{self._fdset}"
+
+    async def take_back(self, monitor: Monitor) -> None:
+        if self._fdset is not None:
+            fdset, self._fdset = self._fdset, None
+            await monitor.remove_fd_set(fdset)
+
+
+def _handover(mechanism: MemoryMechanism) -> _Handover:
+    return FileTransport() if mechanism.transport is Transport.FILE else FdTransport()
+
+
+def _migrate_args(mechanism: MemoryMechanism, uri: str) -> dict[str, Any]:
+    """``uri``, or (where QEMU deprecates ``uri``) the same address as ``channels``."""
+    if not mechanism.use_channels:
+        return {"uri": uri}
+    transport, _, rest = uri.partition(":")
+    addr: dict[str, Any] = (
+        {"transport": "file", "filename": rest, "offset": 0}
+        if transport == "file"
+        else {"transport": "socket", "type": "fd", "str": rest}
+    )
+    return {"channels": [{"channel-type": "main", "addr": addr}]}
+
+
+async def _configure(monitor: Monitor, mechanism: MemoryMechanism) -> None:
+    """Migration capabilities and parameters for ``mechanism`` (they stick in the QEMU
+    process: every known one is set, also to false)."""
+    if mechanism.capabilities:
+        await _set_capabilities(monitor, dict(mechanism.capabilities))
+    params: dict[str, Any] = {"max-bandwidth": UNLIMITED_BANDWIDTH}
+    if mechanism.multifd_channels:
+        params["multifd-channels"] = mechanism.multifd_channels
+    await monitor.execute("migrate-set-parameters", params)
+
+
+class MemoryFiles:
+    """Memory files of one VM: :meth:`saving`/:meth:`save` write one, :meth:`load` reads one.
+
+    ``mapped_ram``: write mapped-ram files where QEMU can (None: the default, see
+    :data:`MAPPED_RAM_DEFAULT`).  ``QEMUSNAP_MAPPED_RAM=0``/``1`` overrides it.
+    """
+
+    def __init__(self, *, mapped_ram: bool | None = None, channels: int | None = None) -> None:
+        env = os.environ.get("QEMUSNAP_MAPPED_RAM")
+        if mapped_ram is None:
+            mapped_ram = env == "1" if env in ("0", "1") else MAPPED_RAM_DEFAULT
+        self.mapped_ram = mapped_ram
+        self.channels = channels or max(2, min(4, os.cpu_count() or 2))
+
+    async def save_mechanism(self, monitor: Monitor, *, live: bool) -> MemoryMechanism:
+        caps = await monitor.capabilities()
+        return caps.save_mechanism(live=live, mapped_ram=self.mapped_ram, channels=self.channels)
 
     @contextlib.asynccontextmanager
     async def saving(
@@ -41,6 +125,8 @@ class FdTransport:
         guest's pause: the file, the fd hand-over, capabilities); the body then pauses the
         guest and calls :meth:`Saver.run`.  On any failure (also cancellation) a migration
         still running is cancelled and the partial file removed."""
+        mechanism = await self.save_mechanism(monitor, live=live)
+        handover = _handover(mechanism)
         fd = _create_private(path)
         if owner is not None:
             os.fchown(fd, *owner)  # QEMU writes through our fd; its user reads it back later
@@ -49,14 +135,15 @@ class FdTransport:
             # background-snapshot: QEMU write-protects guest RAM (userfaultfd) and copies a
             # page out before the guest's first write to it, so the RAM written is the RAM at
             # the moment migration starts while the guest keeps running.
-            await _set_capabilities(monitor, {"background-snapshot": live})
-            await monitor.execute("migrate-set-parameters", {"max-bandwidth": UNLIMITED_BANDWIDTH})
-            await monitor.send_fd(fd, FD_NAME)
-            yield Saver(monitor, path, fd)
+            await _configure(monitor, mechanism)
+            uri = await handover.give(monitor, fd)
+            yield Saver(monitor, path, fd, mechanism, uri)
+            with contextlib.suppress(Exception):
+                await handover.take_back(monitor)
         except BaseException:
             await asyncio.shield(cancel_migration(monitor))
             with contextlib.suppress(Exception):
-                await monitor.close_fd(FD_NAME)
+                await asyncio.shield(handover.take_back(monitor))
             _remove_if_same(path, made)
             raise
         finally:
@@ -71,44 +158,104 @@ class FdTransport:
         timeout: float,
         progress: Progress | None = None,
         owner: tuple[int, int] | None = None,
-    ) -> None:
-        """Prepare and run a save in one go (the guest's state is whatever it is now)."""
+    ) -> MemoryFormat:
+        """Prepare and run a save in one go (the guest's state is whatever it is now);
+        return the format written."""
         async with self.saving(monitor, path, live=live, owner=owner) as saver:
             await saver.run(timeout=timeout, progress=progress)
+        return saver.format
 
-    async def load(self, monitor: Monitor, path: str, *, timeout: float) -> None:
-        """Load memory state from ``path`` into a QEMU started with ``-incoming defer``.
+    async def load(
+        self,
+        monitor: Monitor,
+        path: str,
+        *,
+        timeout: float,
+        fmt: MemoryFormat = MemoryFormat.STREAM,
+    ) -> None:
+        """Load memory state from ``path`` (of format ``fmt``, as recorded when it was written)
+        into a QEMU started with ``-incoming defer``.
 
         A load already under way (its client died: QEMU goes on alone) is waited for instead:
         QEMU refuses a second ``migrate-incoming``."""
         if (await monitor.query_migrate()).get("status", "none") == "none":
+            mechanism = (await monitor.capabilities()).load_mechanism(fmt, channels=self.channels)
+            handover = _handover(mechanism)
             try:
                 fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
             except OSError as exc:
                 raise MemoryFileError(f"cannot open memory file {path}: {exc.strerror}") from exc
             try:
-                await monitor.send_fd(fd, FD_NAME)
-                await monitor.execute("migrate-incoming", {"uri": f"fd:{FD_NAME}"})
+                await _configure(monitor, mechanism)
+                uri = await handover.give(monitor, fd)
+                await monitor.execute("migrate-incoming", _migrate_args(mechanism, uri))
             finally:
                 os.close(fd)  # QEMU has its own copy
+            await _wait_migration(monitor, f"loading {path}", timeout=timeout, progress=None)
+            with contextlib.suppress(Exception):
+                await handover.take_back(monitor)
+            return
         await _wait_migration(monitor, f"loading {path}", timeout=timeout, progress=None)
+
+
+#: mapped-ram where QEMU has it (see docs/versions.md for the measurements behind it).
+MAPPED_RAM_DEFAULT = True
 
 
 class Saver:
     """A prepared save: :meth:`run` starts the migration and waits for it."""
 
-    def __init__(self, monitor: Monitor, path: str, fd: int) -> None:
+    def __init__(
+        self, monitor: Monitor, path: str, fd: int, mechanism: MemoryMechanism, uri: str
+    ) -> None:
         self._monitor = monitor
         self._path = path
         self._fd = fd
+        self.mechanism = mechanism
+        self._uri = uri
 
-    async def run(self, *, timeout: float, progress: Progress | None = None) -> None:
-        await self._monitor.execute("migrate", {"uri": f"fd:{FD_NAME}"})
-        await _wait_migration(
-            self._monitor, f"writing {self._path}", timeout=timeout, progress=progress
-        )
+    @property
+    def format(self) -> MemoryFormat:
+        return self.mechanism.format
+
+    async def run(
+        self,
+        *,
+        timeout: float,
+        progress: Progress | None = None,
+        resume_when_armed: bool = False,
+    ) -> None:
+        """Write the file.  ``resume_when_armed`` (a live checkpoint of a VM that *we*
+        paused): ``cont`` the guest as soon as QEMU has armed the RAM write tracking.
+
+        Why: the background-snapshot thread (``bg_migration_thread``) stops the VM, saves the
+        device state, starts the write tracking and queues ``bg_migration_vm_start_bh``, all
+        under the big QEMU lock, then lets go of the lock and starts writing RAM pages.  QEMU
+        7.2's bottom half ran ``vm_start()``; from 8.0 on it runs ``vm_resume(vm_old_state)``,
+        and the old state is "paused" because we stopped the guest for the disk cut, so the
+        guest would stay paused for the whole RAM write.  Once ``query-migrate`` counts RAM
+        pages the bottom half is queued before anything we send next, so a ``cont`` then
+        keeps "disks and RAM at one instant" and loses nothing.  Where QEMU already resumed the
+        guest (7.2) the run state says "running" and nothing is sent."""
+        monitor = self._monitor
+        await monitor.execute("migrate", _migrate_args(self.mechanism, self._uri))
+        what = f"writing {self._path}"
+        if resume_when_armed:
+            await _wait_migration(
+                monitor, what, timeout=timeout, progress=progress, until=_ram_flowing
+            )
+            if (await monitor.query_status()).status == "paused":
+                await monitor.cont()
+        await _wait_migration(monitor, what, timeout=timeout, progress=progress)
         # QEMU wrote everything through its own copy of the descriptor: make it durable.
         await asyncio.to_thread(os.fsync, self._fd)
+
+
+def _ram_flowing(info: dict[str, Any]) -> bool:
+    """RAM pages are being written (or all are): the write tracking is armed."""
+    ram = info.get("ram") or {}
+    pages = sum(int(ram.get(k, 0) or 0) for k in ("normal", "duplicate"))
+    return pages > 0
 
 
 def _create_private(path: str) -> int:
@@ -138,9 +285,15 @@ async def _set_capabilities(monitor: Monitor, capabilities: dict[str, bool]) -> 
 
 
 async def _wait_migration(
-    monitor: Monitor, what: str, *, timeout: float, progress: Progress | None
+    monitor: Monitor,
+    what: str,
+    *,
+    timeout: float,
+    progress: Progress | None,
+    until: Callable[[dict[str, Any]], bool] | None = None,
 ) -> None:
-    """Poll ``query-migrate`` until ``completed``; ``failed``/``cancelled`` raise."""
+    """Poll ``query-migrate`` until ``completed`` (or ``until`` says so of an active
+    migration); ``failed``/``cancelled`` raise."""
     deadline = time.monotonic() + timeout
     while True:
         info: dict[str, Any] = await monitor.query_migrate()
@@ -148,7 +301,7 @@ async def _wait_migration(
         ram = info.get("ram") or {}
         if progress is not None and ram:
             progress(int(ram.get("transferred", 0)), int(ram.get("total", 0)))
-        if status == "completed":
+        if status == "completed" or (until is not None and status == "active" and until(info)):
             return
         if status in ("failed", "cancelled"):
             why = info.get("error-desc", status)
@@ -161,7 +314,7 @@ async def _wait_migration(
 async def cancel_migration(monitor: Monitor) -> None:
     """Best effort: stop an outgoing migration that may still be running.  An incoming one
     (QEMU in "inmigrate", loading memory state) is left alone: ``migrate_cancel`` does not
-    apply to it, and it is what a recovery finishes (:meth:`FdTransport.load`)."""
+    apply to it, and it is what a recovery finishes (:meth:`MemoryFiles.load`)."""
     with contextlib.suppress(Exception):
         async with asyncio.timeout(5.0):
             if (await monitor.query_status()).status == "inmigrate":

@@ -24,6 +24,14 @@ class MemoryKind(StrEnum):
     FILE = "file"  # a migration stream in a separate file
 
 
+class MemoryFormat(StrEnum):
+    """The layout of a memory file (see :mod:`qemusnap.capabilities`).  Records made before
+    qemusnap recorded it are ``stream``: that is all it wrote then."""
+
+    STREAM = "stream"  # QEMU's sequential migration stream (``fd:``, or ``file:`` without more)
+    MAPPED_RAM = "mapped-ram"  # ``mapped-ram`` capability: each RAM page at a fixed offset
+
+
 class Consistency(StrEnum):
     CRASH = "crash"
     QUIESCED = "quiesced"
@@ -257,6 +265,12 @@ class Snapshot:
     adopted: bool = False
     #: An adopted tag that only some of the VM's qcow2 disks hold: it can only be deleted.
     partial: bool = False
+    #: Layout of ``memory_file`` (None when there is none).
+    memory_format: MemoryFormat | None = None
+    #: The machine type QEMU ran when a checkpoint was taken (``-machine`` value, e.g.
+    #: ``pc-q35-7.2``): a memory file restores only into that type, whatever the alias
+    #: (``q35``) means in the QEMU that restores it.  None: not recorded (older records).
+    machine_type: str | None = None
 
     @property
     def is_checkpoint(self) -> bool:
@@ -279,6 +293,12 @@ class Snapshot:
             current=bool(data.get("current", False)),
             adopted=bool(data.get("adopted", False)),
             partial=bool(data.get("partial", False)),
+            memory_format=(
+                MemoryFormat(data.get("memory_format") or MemoryFormat.STREAM)
+                if data["memory_file"]
+                else None
+            ),
+            machine_type=data.get("machine_type"),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -296,4 +316,6 @@ class Snapshot:
             "disks": [d.to_json() for d in self.disks],
             "adopted": self.adopted,
             "partial": self.partial,
+            "memory_format": str(self.memory_format) if self.memory_format else None,
+            "machine_type": self.machine_type,
         }

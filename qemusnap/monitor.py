@@ -41,6 +41,7 @@ from qemu.qmp.qmp_client import GreetingError, NegotiationError
 from qemu.qmp.util import flush
 
 from .aio import deadline, shielded
+from .capabilities import Capabilities
 from .errors import CommandError, JobError, MonitorConnectError, MonitorError, OperationTimeout
 from .models import Disk
 
@@ -285,6 +286,7 @@ class Monitor:
         self._fd_lock = asyncio.Lock()
         self._waiters: set[EventWaiter] = set()
         self._closed = False
+        self._capabilities: Capabilities | None = None
         self._watcher = asyncio.create_task(self._watch_runstate())
 
     @classmethod
@@ -489,6 +491,58 @@ class Monitor:
         """Close an fd passed with :meth:`send_fd` (``closefd``)."""
         await self.execute("closefd", {"fdname": fdname}, timeout=timeout)
 
+    async def add_fd(self, fd: int, *, opaque: str, timeout: float | None = DEFAULT_TIMEOUT) -> int:
+        """Pass ``fd`` to QEMU into a new fd set (``add-fd``); return the set's id.
+
+        QEMU opens ``/dev/fdset/ID`` by duplicating a descriptor of the set whose access mode
+        matches (``file:`` migration URIs, several times with multifd).  The caller keeps
+        (and must close) its own ``fd``; :meth:`remove_fd_set` releases QEMU's copies.
+        """
+        async with deadline(timeout, f"passing fd {opaque!r}"), self._fd_lock:
+            try:
+                await _send_fd_in_order(self._client, fd)
+            except StateError as exc:
+                raise MonitorError(
+                    f"the QMP connection is closed (fd {opaque!r} not sent)"
+                ) from exc
+            except (QMPError, OSError) as exc:
+                raise MonitorError(f"cannot pass fd {opaque!r} to QEMU: {exc}") from exc
+            reply = await self.execute("add-fd", {"opaque": opaque}, timeout=None)
+        return int(reply["fdset-id"])
+
+    async def remove_fd_set(
+        self, fdset_id: int, *, timeout: float | None = DEFAULT_TIMEOUT
+    ) -> None:
+        """``remove-fd`` a whole fd set (QEMU closes its copies once nothing uses them)."""
+        await self.execute("remove-fd", {"fdset-id": fdset_id}, timeout=timeout)
+
+    # --- what this QEMU offers ----------------------------------------------------------------
+
+    async def capabilities(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> Capabilities:
+        """Probe once per connection (``query-version``, ``query-qmp-schema``,
+        ``query-migrate-capabilities``); :mod:`qemusnap.capabilities` decides from it."""
+        if self._capabilities is None:
+            async with deadline(timeout, "probing QEMU's capabilities"):
+                version = await self.execute("query-version", timeout=None)
+                schema = await self.execute("query-qmp-schema", timeout=None)
+                migration = await self.execute("query-migrate-capabilities", timeout=None)
+            self._capabilities = Capabilities.from_probe(version, schema, migration)
+            log.debug(
+                "%s: QEMU %s, migration transports %s, mapped-ram %s",
+                self.label,
+                self._capabilities.version_text,
+                sorted(self._capabilities.migration_transports) or ["fd", "exec"],
+                self._capabilities.mapped_ram,
+            )
+        return self._capabilities
+
+    async def machine_type(self, *, timeout: float | None = DEFAULT_TIMEOUT) -> str:
+        """The resolved QOM type of the machine (``qom-get /machine type``), e.g.
+        ``pc-q35-7.2-machine`` for ``-machine q35`` on QEMU 7.2."""
+        return str(
+            await self.execute("qom-get", {"path": "/machine", "property": "type"}, timeout=timeout)
+        )
+
     # --- jobs ---------------------------------------------------------------------------------
 
     async def run_job(
@@ -550,7 +604,7 @@ class Monitor:
     ) -> None:
         """Run a block job (``block-commit``, ``block-stream``, ``drive-mirror`` ...) to its end.
 
-        On ``BLOCK_JOB_READY`` it sends ``block-job-complete`` (the pivot of an active commit)
+        On ``BLOCK_JOB_READY`` it sends ``job-complete`` (the pivot of an active commit)
         unless ``complete_on_ready`` is false. Honours ``auto-finalize``/``auto-dismiss`` in
         ``arguments``. ``progress(offset, length)`` is called as the job advances.
 
@@ -597,7 +651,7 @@ class Monitor:
                             if complete_on_ready and not completing:
                                 completing = True
                                 await self.execute(
-                                    "block-job-complete", {"device": job_id}, timeout=None
+                                    "job-complete", {"id": job_id}, timeout=None
                                 )
                         elif kind == "BLOCK_JOB_ERROR":
                             # With on-error=report the job ends with BLOCK_JOB_COMPLETED carrying

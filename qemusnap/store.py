@@ -40,7 +40,7 @@ from .models import (
     Snapshot,
 )
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
 log = logging.getLogger("qemusnap.store")
 
@@ -49,6 +49,9 @@ _ADDED_COLUMNS = (
     ("vms", "uid", "TEXT"),  # a VM's identity in its snapshots' sidecar files
     ("snapshots", "adopted", "INTEGER NOT NULL DEFAULT 0"),
     ("snapshots", "partial", "INTEGER NOT NULL DEFAULT 0"),
+    # How to read a memory file back (NULL: a stream), the machine type it needs (NULL: unknown).
+    ("snapshots", "memory_format", "TEXT"),
+    ("snapshots", "machine_type", "TEXT"),
 )
 
 _SCHEMA = """
@@ -82,6 +85,8 @@ CREATE TABLE IF NOT EXISTS snapshots (
     created TEXT NOT NULL,
     description TEXT NOT NULL DEFAULT '',
     disks TEXT NOT NULL,          -- JSON list of DiskSnapshot
+    memory_format TEXT,           -- stream | mapped-ram (NULL: stream, or no memory file)
+    machine_type TEXT,            -- -machine value the checkpoint ran on (NULL: unknown)
     PRIMARY KEY (vm_id, name)
 );
 CREATE TABLE IF NOT EXISTS files (
@@ -404,8 +409,8 @@ class Store:
             ).fetchone()[0]
             db.execute(
                 "INSERT INTO snapshots (vm_id, name, seq, parent, kind, memory, memory_file,"
-                " consistency, vm_state, created, description, disks, adopted, partial)"
-                " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                " consistency, vm_state, created, description, disks, adopted, partial,"
+                " memory_format, machine_type) VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (
                     vm_id,
                     snap.name,
@@ -421,6 +426,8 @@ class Store:
                     json.dumps([d.to_json() for d in snap.disks]),
                     int(snap.adopted),
                     int(snap.partial),
+                    str(snap.memory_format) if snap.memory_format else None,
+                    snap.machine_type,
                 ),
             )
             if make_current:

@@ -350,7 +350,7 @@ def test_job_cancellation_cancels_and_dismisses() -> None:
 
 
 def block_commit(jobs: FakeJobs, *, ready: bool = True, error: str | None = None) -> Any:
-    """block-commit (active when ``ready``) that finishes after block-job-complete."""
+    """block-commit (active when ``ready``) that finishes after job-complete."""
 
     def finish_events(jid: str, auto_dismiss: bool) -> tuple[tuple[str, dict[str, Any]], ...]:
         done: dict[str, Any] = {"device": jid, "len": 100, "offset": 100, "speed": 0}
@@ -378,10 +378,10 @@ def block_commit(jobs: FakeJobs, *, ready: bool = True, error: str | None = None
         return Reply({}, after=events, after_delay=0.01)
 
     def complete(server: FakeQMPServer, args: dict[str, Any]) -> Reply:
-        jid = args["device"]
+        jid = args["id"]
         return Reply({}, after=finish_events(jid, jobs.jobs[jid]["auto-dismiss"]))
 
-    return {"block-commit": start, "block-stream": start, "block-job-complete": complete}
+    return {"block-commit": start, "block-stream": start, "job-complete": complete}
 
 
 def test_block_job_ready_then_completed() -> None:
@@ -397,7 +397,7 @@ def test_block_job_ready_then_completed() -> None:
                 timeout=5,
                 progress=lambda done, total: seen.append((done, total)),
             )
-            assert server.args("block-job-complete") == [{"device": "commit-1"}]
+            assert server.args("job-complete") == [{"id": "commit-1"}]
             assert server.args("block-commit") == [{"device": "overlay-1", "job-id": "commit-1"}]
             assert "block-job-cancel" not in server.names
             assert seen[-1] == (100, 100)
@@ -412,7 +412,7 @@ def test_block_job_completed_with_error() -> None:
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             with pytest.raises(JobError, match="No space left on device"):
                 await mon.run_block_job("block-stream", {"device": "vda"}, job_id="s", timeout=5)
-            assert "block-job-complete" not in server.names
+            assert "job-complete" not in server.names
 
     run(main())
 
@@ -441,7 +441,7 @@ def test_block_job_timeout_cancels() -> None:
                     complete_on_ready=False,
                 )  # fmt: skip
             assert server.args("block-job-cancel") == [{"device": "c", "force": True}]
-            assert "block-job-complete" not in server.names
+            assert "job-complete" not in server.names
 
     run(main())
 
