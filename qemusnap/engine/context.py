@@ -14,13 +14,13 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
-from typing import Any
 
 import attrs
 
 from .. import agent as agent_mod
+from ..capabilities import Capabilities
 from ..machine import Machine, RecordedLaunch
-from ..memory import FdTransport
+from ..memory import MemoryFiles
 from ..monitor import Monitor
 from ..qemu_img import QemuImg
 from ..store import Store, VMRecord
@@ -62,11 +62,15 @@ class Context:
     relaunch_hook: RelaunchHook | None = None
     lock_timeout: float = LOCK_TIMEOUT
     qemu_img: QemuImg = attrs.Factory(QemuImg)
-    memory: FdTransport = attrs.Factory(FdTransport)
+    memory: MemoryFiles = attrs.Factory(MemoryFiles)
     #: The guest-agent connection while the guest is quiesced (None otherwise).
     agent: agent_mod.GuestAgent | None = None
-    #: What this QEMU can do, per version (filled in by later work; nothing reads it yet).
-    capabilities: Any = None
+
+    async def capabilities(self) -> Capabilities:
+        """What the running QEMU can do (probed once per QMP connection, see
+        :mod:`qemusnap.capabilities`: the one place that decides mechanisms per QEMU)."""
+        assert self.monitor is not None
+        return await self.monitor.capabilities()
 
     @property
     def vm_id(self) -> int:

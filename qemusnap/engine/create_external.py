@@ -41,6 +41,7 @@ from .restart import stop_qemu
 from .shared import (
     adopt_disks,
     live_nodes,
+    machine_type,
     new_snapshot,
     quiesced,
     remove_created,
@@ -80,6 +81,12 @@ async def create_external(
         if os.path.lexists(memory_path):
             raise TargetExistsError(f"{memory_path} exists already (it is never overwritten)")
     vm_state = await run_state(ctx)
+    pausing = with_memory and vm_state is VMState.RUNNING
+    memory_format = None
+    if memory_path is not None and ctx.monitor is not None:
+        # Decided (and journaled with the record) before anything is written.
+        mechanism = await ctx.memory.save_mechanism(ctx.monitor, live=live and pausing)
+        memory_format = mechanism.format
     snap = new_snapshot(
         ctx,
         name,
@@ -91,6 +98,8 @@ async def create_external(
         quiesced=quiesce,
         vm_state=vm_state,
         description=description,
+        memory_format=memory_format,
+        machine_type=await machine_type(ctx) if memory_path is not None and ctx.monitor else None,
     )
     made = [path for disk, path in plan if not (reuse and disk.name in overlays)]
     # The snapshot's record and the disks go into the journal: once the memory file is
@@ -111,7 +120,6 @@ async def create_external(
                 )
         journal.passed("overlays-made")
         if ctx.monitor is not None:
-            pausing = with_memory and vm_state is VMState.RUNNING
             async with overlay_nodes(ctx, plan) as nodes:
                 journal.passed("nodes-added")
                 if memory_path is None:
@@ -245,7 +253,9 @@ async def checkpoint(
             journal.passed("paused")
         await cut_to_overlays(ctx, plan, nodes)
         journal.passed("cut")
-        await saver.run(timeout=DEFAULT_TIMEOUT, progress=progress)
+        # live: QEMU 8.0+ leaves the guest paused for the whole RAM write unless we resume
+        # it once the write tracking is armed (see Saver.run).
+        await saver.run(timeout=DEFAULT_TIMEOUT, progress=progress, resume_when_armed=live)
         journal.update(memory_written=True)
         journal.passed("memory-written")
     # "cont" right after "completed" can fail with "Migration is not finalized yet":

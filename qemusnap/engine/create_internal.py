@@ -22,7 +22,14 @@ from ..errors import SnapshotExistsError, UnsupportedError
 from ..models import Disk, MemoryKind, Snapshot, SnapshotKind, VMState
 from .context import DEFAULT_TIMEOUT, Context, job_id
 from .journal import Journal, journaled, recovers
-from .shared import delete_internal_tags, new_snapshot, quiesced, run_state, tags
+from .shared import (
+    delete_internal_tags,
+    machine_type,
+    new_snapshot,
+    quiesced,
+    run_state,
+    tags,
+)
 
 
 async def create_internal(
@@ -56,6 +63,7 @@ async def create_internal(
         quiesced=quiesce,
         vm_state=vm_state,
         description=description,
+        machine_type=await machine_type(ctx) if with_memory and ctx.monitor else None,
     )
     nodes = [d.node_name for d in chosen]
     async with journaled(

@@ -28,8 +28,14 @@ def knows_launch(ctx: Context) -> bool:
     )
 
 
-async def prepare_restart(ctx: Context, new_files: dict[str, str]) -> Starter:
+async def prepare_restart(
+    ctx: Context, new_files: dict[str, str], *, machine_type: str | None = None
+) -> Starter:
     """How to start this VM again with disks moved to ``new_files`` (disk name -> image).
+
+    ``machine_type``: the machine type a memory state to load was taken on; a machine type
+    alias (``q35``, ``pc``, none) of the command line or config is pinned to it, so the state
+    loads after a QEMU upgrade (a caller's relaunch hook chooses for itself).
 
     Everything that can be refused is refused here, *before* anything is stopped.
 
@@ -55,6 +61,8 @@ async def prepare_restart(ctx: Context, new_files: dict[str, str]) -> Starter:
                 attrs.evolve(d, file=new_files.get(d.id, d.file)) for d in machine.config.drives
             ),
         )
+        if machine_type is not None:
+            config = config.with_machine(machine_type)
 
         async def by_machine(incoming: bool) -> None:
             ctx.machine = Machine(config, paused=True, incoming=incoming)
@@ -70,6 +78,8 @@ async def prepare_restart(ctx: Context, new_files: dict[str, str]) -> Starter:
         )
     launch = RecordedLaunch.from_json(recorded)
     launch = launch.with_disks(await argv_replacements(ctx, launch, new_files, moved))
+    if machine_type is not None:
+        launch = launch.with_machine(machine_type)
     log_file = ctx.store.memory_dir(ctx.record.id).parent / "qemu.log"
 
     async def by_command_line(incoming: bool) -> None:

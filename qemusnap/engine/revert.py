@@ -1,7 +1,7 @@
 """Revert: bring the VM back to a snapshot (SPEC "Revert"), and its recovery.
 
 Internal snapshot (journal ``revert``: ``name``, ``overlays`` (disk -> clone), ``old``,
-``target``, ``holders``, ``apply``, ``load``):
+``target``, ``holders``, ``apply``, ``load``, ``machine_type``):
 
 1. journaled; an image a later external snapshot froze is cloned first, and the clone
    reverted (``overlays-made``);
@@ -13,7 +13,8 @@ Internal snapshot (journal ``revert``: ``name``, ``overlays`` (disk -> clone), `
 6. the run state wanted, the disks' new images recorded, abandoned images removed.
 
 External snapshot (journal ``revert``: ``name``, ``overlays`` (disk -> fresh overlay on the
-snapshot's image), ``old``, ``target``, ``memory``): overlays made (``overlays-made``), QEMU
+snapshot's image), ``old``, ``target``, ``memory``, ``machine_type``: the type a memory
+state to load needs, pinned on restart): overlays made (``overlays-made``), QEMU
 quit (``stopped``) and started on them (``started``, ``-incoming defer`` for a checkpoint),
 memory state loaded, run state settled, disks recorded.
 
@@ -33,7 +34,15 @@ from typing import Any
 from .. import process
 from ..aio import deadline
 from ..errors import DiskNotFoundError, OperationError, UnsupportedError
-from ..models import Disk, DiskSnapshotKind, MemoryKind, Snapshot, SnapshotKind, VMState
+from ..models import (
+    Disk,
+    DiskSnapshotKind,
+    MemoryFormat,
+    MemoryKind,
+    Snapshot,
+    SnapshotKind,
+    VMState,
+)
 from ..plan import overlay_path
 from ..tree import SnapshotTree
 from .context import DEFAULT_TIMEOUT, Context, log
@@ -123,7 +132,9 @@ async def revert_internal(
     in_place = snap.memory is MemoryKind.INTERNAL and (live or can_start)
     start = None
     if (live and (clones or not in_place)) or can_start:
-        start = await prepare_restart(ctx, clones)
+        start = await prepare_restart(
+            ctx, clones, machine_type=snap.machine_type if in_place else None
+        )
     if ctx.monitor is None:
         await refuse_in_use(ctx, disks, "use --qmp SOCKET to revert it live")
     old = [d.file for d in disks]
@@ -205,7 +216,9 @@ async def revert_external(
         with_memory = False
     start = None
     if ctx.monitor is not None or with_memory:
-        start = await prepare_restart(ctx, overlays)
+        start = await prepare_restart(
+            ctx, overlays, machine_type=snap.machine_type if with_memory else None
+        )
     else:
         await refuse_in_use(ctx, disks, "use --qmp SOCKET to revert it live")
     old = {d.name: d.file for d in disks}
@@ -213,6 +226,7 @@ async def revert_external(
     async with journaled(
         ctx, "revert", name=snap.name, overlays=overlays, old=list(old.values()),
         target=str(target), memory=with_memory,
+        machine_type=snap.machine_type if with_memory else None,
     ) as journal:  # fmt: skip
         for disk, file in covered:
             await ctx.qemu_img.create(
@@ -232,7 +246,12 @@ async def revert_external(
             journal.passed("started")
             if with_memory:
                 assert ctx.monitor is not None and snap.memory_file is not None
-                await ctx.memory.load(ctx.monitor, snap.memory_file, timeout=DEFAULT_TIMEOUT)
+                await ctx.memory.load(
+                    ctx.monitor,
+                    snap.memory_file,
+                    timeout=DEFAULT_TIMEOUT,
+                    fmt=snap.memory_format or MemoryFormat.STREAM,
+                )
             await settle(ctx, target)
         adopt_disks(ctx, disks, overlays, owned=overlays.values())
     discard_abandoned(ctx, old.values())
@@ -274,7 +293,8 @@ async def recover_restart(
     if ctx.monitor is None and data.get("stopped"):
         if before_start is not None:
             await before_start(ctx, data)
-        start = await prepare_restart(ctx, overlays)
+        # machine_type: journaled when memory state is to be loaded (None otherwise).
+        start = await prepare_restart(ctx, overlays, machine_type=data.get("machine_type"))
         await start(bool(data.get("memory")))
         journal.update(started=True)  # a recovery interrupted now finds it started
         data["started"] = True
@@ -304,7 +324,10 @@ async def finish_start(ctx: Context, data: dict[str, Any]) -> None:
         memory = snap.memory_file if snap else data.get("file")
         if memory is None:
             raise OperationError("a restarted QEMU waits for memory state nobody knows")
-        await ctx.memory.load(ctx.monitor, memory, timeout=DEFAULT_TIMEOUT)
+        fmt = snap.memory_format if snap else data.get("format")
+        await ctx.memory.load(
+            ctx.monitor, memory, timeout=DEFAULT_TIMEOUT, fmt=MemoryFormat(fmt or "stream")
+        )
         target = target or (snap.vm_state if snap else VMState.RUNNING)
     elif data.get("load") and not data.get("loaded"):
         await load_internal(ctx, data["name"], data["holders"])

@@ -7,7 +7,8 @@ Killed before the state was all written, the partial file is removed and a VM we
 resumed; killed after, with QEMU gone, the save is recorded; with QEMU still there, the file
 is removed and a VM that ran runs again.
 
-Restore (journal ``restore``: ``file``, ``target``; later ``started``): QEMU started waiting
+Restore (journal ``restore``: ``file``, ``target``, ``format`` (stream | mapped-ram),
+``machine_type``; later ``started``): QEMU started waiting
 for memory (``-incoming defer``, ``started``), the file loaded, the run state settled.  Killed
 halfway, a started QEMU is finished (the load done or waited for, run state settled), see
 :func:`qemusnap.engine.revert.recover_restart`.
@@ -21,13 +22,13 @@ from typing import Any
 from ..aio import deadline
 from ..errors import DiskNotFoundError, TargetExistsError, UnsupportedError
 from ..memory import Progress
-from ..models import VMState
+from ..models import MemoryFormat, VMState
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
 from .restart import prepare_restart, stop_qemu
 from .revert import recover_restart
 from .shared import disks as current_disks
-from .shared import remove_created, run_state, settle
+from .shared import machine_type, remove_created, run_state, settle
 
 
 async def save(
@@ -43,10 +44,15 @@ async def save(
         await prepare_restart(ctx, {})  # restore must be possible: refuse now if not
         vm_state = await run_state(ctx)
         disks = await current_disks(ctx)
+        mechanism = await ctx.memory.save_mechanism(ctx.monitor, live=False)
         saved = {
             "file": path,
             "vm_state": str(vm_state),
             "disks": {d.name: d.file for d in disks},
+            # How to read it back, also after a QEMU upgrade (absent in older records: a
+            # stream, machine type unknown).
+            "format": str(mechanism.format),
+            "machine_type": await machine_type(ctx),
         }
         async with journaled(
             ctx, "save", file=path, saved=saved, paused_by_us=vm_state is VMState.RUNNING,
@@ -92,15 +98,21 @@ async def restore(
         saved = ctx.store.vm(ctx.record.id).saved or {}
         if saved.get("file") not in (None, path):
             log.warning("%s is not this VM's last save (%s)", path, saved.get("file"))
-        start = await prepare_restart(ctx, {})
+        ours = saved.get("file") == path
+        fmt = MemoryFormat(saved.get("format", "stream") if ours else "stream")
+        machine = saved.get("machine_type") if ours else None
+        start = await prepare_restart(ctx, {}, machine_type=machine)
         default = VMState(saved.get("vm_state", "running"))
         target = VMState.RUNNING if running else VMState.PAUSED if paused else default
-        async with journaled(ctx, "restore", file=path, target=str(target)) as journal:
+        async with journaled(
+            ctx, "restore", file=path, target=str(target), format=str(fmt),
+            machine_type=machine,
+        ) as journal:  # fmt: skip
             await start(True)
             journal.update(started=True)
             journal.passed("started")
             assert ctx.monitor is not None
-            await ctx.memory.load(ctx.monitor, path, timeout=DEFAULT_TIMEOUT)
+            await ctx.memory.load(ctx.monitor, path, timeout=DEFAULT_TIMEOUT, fmt=fmt)
             await settle(ctx, target)
 
 

@@ -13,19 +13,21 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from typing import Any
 
 from .. import agent as agent_mod
-from ..errors import DiskNotFoundError, ImageInUseError
+from ..capabilities import machine_option
+from ..errors import CommandError, DiskNotFoundError, ImageInUseError
 from ..models import (
     Consistency,
     Disk,
     DiskSnapshot,
     DiskSnapshotKind,
+    MemoryFormat,
     MemoryKind,
     Snapshot,
     SnapshotKind,
     VMState,
 )
 from ..store import DiskRecord, utc_now
-from .context import DEFAULT_TIMEOUT, QUIESCE_TIMEOUT, Context, job_id
+from .context import DEFAULT_TIMEOUT, QUIESCE_TIMEOUT, Context, job_id, log
 
 # --- the VM now ---------------------------------------------------------------------------------
 
@@ -167,6 +169,8 @@ def new_snapshot(
     vm_state: VMState,
     description: str,
     memory_file: str | None = None,
+    memory_format: MemoryFormat | None = None,
+    machine_type: str | None = None,
 ) -> Snapshot:
     """The record of a new snapshot; ``files``: disk name -> image holding its data."""
     disk_kind = DiskSnapshotKind(str(kind))
@@ -194,7 +198,20 @@ def new_snapshot(
             for d in disks
         ),
         current=True,
+        memory_format=memory_format,
+        machine_type=machine_type,
     )
+
+
+async def machine_type(ctx: Context) -> str | None:
+    """The ``-machine`` value of the running machine type, resolved (``pc-q35-7.2`` for
+    ``q35``): recorded with a checkpoint so a newer QEMU restores it on the same type."""
+    assert ctx.monitor is not None
+    try:
+        return machine_option(str(await ctx.monitor.machine_type()))
+    except CommandError as exc:
+        log.warning("cannot read the machine type (qom-get /machine type): %s", exc)
+        return None
 
 
 # --- internal snapshots (create, delete, revert and their recoveries) ---------------------------

@@ -18,7 +18,7 @@ from ..aio import deadline
 from ..discover import Difference
 from ..errors import ImageInUseError, OperationError, UnsupportedError
 from ..machine import Machine, MachineConfig, RecordedLaunch
-from ..memory import FdTransport, Progress
+from ..memory import MemoryFiles, Progress
 from ..models import Chain, CheckResult, Disk, Snapshot, VMState
 from ..monitor import Monitor, QMPClient
 from ..qemu_img import QemuImg
@@ -113,7 +113,7 @@ class VM:
         return self.ctx.qemu_img
 
     @property
-    def memory(self) -> FdTransport:
+    def memory(self) -> MemoryFiles:
         return self.ctx.memory
 
     @property
