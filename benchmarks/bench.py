@@ -29,9 +29,12 @@ from typing import Any
 import attrs
 
 from qemusnap import VM, UnsupportedError, hostmem
+from qemusnap.capabilities import MemoryMechanism
 from qemusnap.machine import choose_accel
+from qemusnap.memory import MemoryFiles
+from qemusnap.models import MemoryFormat
 
-from . import fanout, measure, reset
+from . import fanout, measure, reset, transports
 from .guest import MIN_FILL_PERCENT, Log, Serial, fill_ram, guest_config, make_disks
 from .measure import Sample, Target
 from .report import GuestRun, Outcome, busy_now, machine_info, markdown
@@ -173,6 +176,38 @@ class Runner:
 
         return take
 
+    async def transports(self) -> None:
+        """Memory-file write (+ fsync) per transport this QEMU has, then loads of the last
+        file of each format (see benchmarks/transports.py)."""
+        t = self.target
+        caps = await t.monitor.capabilities()
+        files: dict[str, Path] = {}
+        for key, mechanism in transports.mechanisms(caps, MemoryFiles().channels).items():
+            if isinstance(mechanism, str):
+                self.run.outcomes[f"memory_write_{key}"] = Outcome("n/a", mechanism)
+                continue
+            path = t.directory / "memory" / f"{key}.mem"
+
+            def take(_: int, path: Path = path, mechanism: MemoryMechanism = mechanism) -> Any:
+                transports.remove(path)
+                return transports.memory_write(t, path, mechanism)
+
+            if (await self.each(f"memory_write_{key}", take)).samples:
+                files[key] = path
+        loads = (("file", MemoryFormat.STREAM), ("mapped_ram", MemoryFormat.MAPPED_RAM))
+        for key, fmt in loads:
+            path_or_none = files.get(key) or (files.get("fd") if key == "file" else None)
+            if path_or_none is None:
+                self.run.outcomes[f"memory_load_{key}"] = Outcome("n/a", f"no {fmt} file written")
+                continue
+            loaded: Path = path_or_none
+            await self.each(
+                f"memory_load_{key}",
+                lambda _, p=loaded, f=fmt: transports.memory_load(t, p, f),  # type: ignore[misc]
+            )
+        for path in files.values():
+            transports.remove(path)
+
     async def all(self, ram_mib: int) -> None:
         t = self.target
         checkpoint = await self.each(
@@ -182,10 +217,12 @@ class Runner:
         for n in (1, 4):
             await self.each(f"internal_disk_only_{n}", self._disk_only(n, internal=True))
         await self.each("dd", lambda _: measure.dd_write(t.directory, ram_mib))
+        await self.transports()
         # External snapshots last: once built, they move the disks onto overlays (and a revert
         # of an external checkpoint restarts QEMU).
         for n in (1, 4):
             await self.each(f"external_disk_only_{n}", self._disk_only(n, internal=False))
+        await self.each("quiesced_disk_only", lambda i: transports.quiesced_disk_only(t, f"qd{i}"))
         external = await self.each(
             "external_checkpoint",
             lambda i: measure.external_checkpoint(t, f"xc{i}", live=False),

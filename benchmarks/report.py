@@ -139,6 +139,17 @@ TIME_ROWS: tuple[tuple[str, str, str, bool], ...] = (
         "wall_ms",
         True,
     ),
+    ("quiesced disk-only, 4 disks: freeze → thaw window", "quiesced_disk_only", "freeze_ms", False),
+    ("memory file write + fsync: `fd:` stream", "memory_write_fd", "wall_ms", False),
+    ("memory file write + fsync: `file:` stream", "memory_write_file", "wall_ms", False),
+    (
+        "memory file write + fsync: mapped-ram + multifd",
+        "memory_write_mapped_ram",
+        "wall_ms",
+        False,
+    ),
+    ("memory file load: stream", "memory_load_file", "wall_ms", False),
+    ("memory file load: mapped-ram + multifd", "memory_load_mapped_ram", "wall_ms", False),
     ("revert internal checkpoint → running", "revert_internal", "running_ms", True),
     ("revert internal checkpoint → agent answers", "revert_internal", "agent_ms", False),
     ("revert internal checkpoint → counter continues", "revert_internal", "counter_ms", False),
@@ -151,12 +162,10 @@ TIME_ROWS: tuple[tuple[str, str, str, bool], ...] = (
 THROUGHPUT_ROWS: tuple[tuple[str, str], ...] = (
     ("`dd bs=1M conv=fsync`, random data, RAM-sized", "dd"),
     ("internal checkpoint: vmstate size / wall", "internal_checkpoint"),
-    ("external checkpoint: memory file / QEMU's migration time", "external_checkpoint"),
-    ("live external checkpoint: memory file / QEMU's migration time", "live_checkpoint"),
-    (
-        "live, guest RAM on huge pages: memory file / QEMU's migration time",
-        "live_checkpoint_hugepages",
-    ),
+    # Like dd: data written (allocated blocks) over the time until it is synced to disk.
+    ("memory file, `fd:` stream: written / (write + fsync)", "memory_write_fd"),
+    ("memory file, `file:` stream: written / (write + fsync)", "memory_write_file"),
+    ("memory file, mapped-ram + multifd: written / (write + fsync)", "memory_write_mapped_ram"),
 )
 
 

@@ -119,13 +119,22 @@ class MemoryFiles:
 
     @contextlib.asynccontextmanager
     async def saving(
-        self, monitor: Monitor, path: str, *, live: bool, owner: tuple[int, int] | None = None
+        self,
+        monitor: Monitor,
+        path: str,
+        *,
+        live: bool,
+        owner: tuple[int, int] | None = None,
+        mechanism: MemoryMechanism | None = None,
     ) -> AsyncIterator[Saver]:
         """Prepare a save into the new file ``path`` (everything that need not wait for the
         guest's pause: the file, the fd hand-over, capabilities); the body then pauses the
         guest and calls :meth:`Saver.run`.  On any failure (also cancellation) a migration
-        still running is cancelled and the partial file removed."""
-        mechanism = await self.save_mechanism(monitor, live=live)
+        still running is cancelled and the partial file removed.
+
+        ``mechanism``: instead of the one :mod:`qemusnap.capabilities` picks (the benchmark
+        compares them)."""
+        mechanism = mechanism or await self.save_mechanism(monitor, live=live)
         handover = _handover(mechanism)
         fd = _create_private(path)
         if owner is not None:
