@@ -26,6 +26,7 @@ from qemusnap.capabilities import Capabilities, MemoryMechanism, Transport
 from qemusnap.machine import Machine
 from qemusnap.memory import MemoryFiles
 from qemusnap.models import MemoryFormat
+from qemusnap.monitor import Monitor
 
 from .guest import BenchError
 from .measure import MIB, Sample, Target, ms_since
@@ -120,25 +121,48 @@ async def quiesced_disk_only(target: Target, name: str) -> Sample:
     ``guest-fsfreeze-thaw``, on the host's clock (what the guest's applications see blocked,
     less the two agent round trips' halves)."""
     stamps: dict[str, float] = {}
-    original = agent_mod.GuestAgent.execute
+    agent_execute = agent_mod.GuestAgent.execute
+    qmp_execute = Monitor.execute
 
-    async def recording(self: agent_mod.GuestAgent, command: str, *args: Any, **kw: Any) -> Any:
-        result = await original(self, command, *args, **kw)
-        if command in ("guest-fsfreeze-freeze", "guest-fsfreeze-thaw"):
-            stamps[command] = time.perf_counter()
+    async def agent_recording(
+        self: agent_mod.GuestAgent, command: str, *args: Any, **kw: Any
+    ) -> Any:
+        stamps[f"{command} sent"] = time.perf_counter()
+        result = await agent_execute(self, command, *args, **kw)
+        stamps[command] = time.perf_counter()
         return result
 
-    agent_mod.GuestAgent.execute = recording  # type: ignore[method-assign]
+    async def qmp_recording(self: Monitor, command: str, *args: Any, **kw: Any) -> Any:
+        stamps[f"{command} sent"] = time.perf_counter()
+        result = await qmp_execute(self, command, *args, **kw)
+        stamps[command] = time.perf_counter()
+        return result
+
+    agent_mod.GuestAgent.execute = agent_recording  # type: ignore[method-assign]
+    Monitor.execute = qmp_recording  # type: ignore[method-assign]
     try:
         start = time.perf_counter()
         await target.vm.create(name, disk_only=True, quiesce=True)
         wall = ms_since(start)
     finally:
-        agent_mod.GuestAgent.execute = original  # type: ignore[method-assign]
-    if len(stamps) != 2:
+        agent_mod.GuestAgent.execute = agent_execute  # type: ignore[method-assign]
+        Monitor.execute = qmp_execute  # type: ignore[method-assign]
+    if "guest-fsfreeze-freeze" not in stamps or "guest-fsfreeze-thaw" not in stamps:
         raise BenchError(f"the snapshot did not freeze and thaw the guest: {sorted(stamps)}")
-    window = stamps["guest-fsfreeze-thaw"] - stamps["guest-fsfreeze-freeze"]
-    return Sample(wall, extra={"freeze_ms": round(window * 1000, 2)})
+
+    def span(first: str, last: str) -> float:
+        return round((stamps[last] - stamps[first]) * 1000, 2)
+
+    return Sample(
+        wall,
+        extra={
+            "freeze_ms": span("guest-fsfreeze-freeze", "guest-fsfreeze-thaw"),
+            # Its parts: the disk cut (QMP transaction), the thaw's round trip.
+            "transaction_ms": span("transaction sent", "transaction"),
+            "thaw_ms": span("guest-fsfreeze-thaw sent", "guest-fsfreeze-thaw"),
+            "freeze_call_ms": span("guest-fsfreeze-freeze sent", "guest-fsfreeze-freeze"),
+        },
+    )
 
 
 def remove(path: Path) -> None:

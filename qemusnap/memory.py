@@ -33,6 +33,7 @@ Progress = Callable[[int, int], None]
 UNLIMITED_BANDWIDTH = 1 << 40
 FD_NAME = "qemusnap-memory"
 POLL_INTERVAL = 0.02
+ARMED_POLL_INTERVAL = 0.001
 
 
 class _Handover(Protocol):
@@ -250,8 +251,15 @@ class Saver:
         await monitor.execute("migrate", _migrate_args(self.mechanism, self._uri))
         what = f"writing {self._path}"
         if resume_when_armed:
+            # Polled tightly: every millisecond here is guest pause (the setup phase takes
+            # milliseconds, until the first RAM pages are counted).
             await _wait_migration(
-                monitor, what, timeout=timeout, progress=progress, until=_ram_flowing
+                monitor,
+                what,
+                timeout=timeout,
+                progress=progress,
+                until=_ram_flowing,
+                interval=ARMED_POLL_INTERVAL,
             )
             if (await monitor.query_status()).status == "paused":
                 await monitor.cont()
@@ -300,6 +308,7 @@ async def _wait_migration(
     timeout: float,
     progress: Progress | None,
     until: Callable[[dict[str, Any]], bool] | None = None,
+    interval: float = POLL_INTERVAL,
 ) -> None:
     """Poll ``query-migrate`` until ``completed`` (or ``until`` says so of an active
     migration); ``failed``/``cancelled`` raise."""
@@ -317,7 +326,7 @@ async def _wait_migration(
             raise MemoryFileError(f"{what}: migration {status}: {why}")
         if time.monotonic() > deadline:
             raise OperationTimeout(f"{what}: migration still {status} after {timeout:.0f} s")
-        await asyncio.sleep(POLL_INTERVAL)
+        await asyncio.sleep(interval)
 
 
 async def cancel_migration(monitor: Monitor) -> None:
