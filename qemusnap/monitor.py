@@ -650,9 +650,7 @@ class Monitor:
                             report(data)
                             if complete_on_ready and not completing:
                                 completing = True
-                                await self.execute(
-                                    "job-complete", {"id": job_id}, timeout=None
-                                )
+                                await self.execute("job-complete", {"id": job_id}, timeout=None)
                         elif kind == "BLOCK_JOB_ERROR":
                             # With on-error=report the job ends with BLOCK_JOB_COMPLETED carrying
                             # the error; with stop/enospc it pauses and would wait forever.
