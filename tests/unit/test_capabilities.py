@@ -135,7 +135,7 @@ def test_no_live_checkpoint_without_background_snapshot() -> None:
 def test_qemusnap_sends_no_missing_or_deprecated_command(version: str) -> None:
     """Every QMP command in qemusnap's source exists in that QEMU and is not deprecated
     (11.1 deprecates block-job-complete and block-job-dismiss: job-complete/-dismiss)."""
-    source = "\n".join(p.read_text() for p in PACKAGE.glob("*.py"))
+    source = "\n".join(p.read_text() for p in PACKAGE.rglob("*.py"))
     found = re.findall(r'(?:execute|run_job|run_block_job)\(\s*"([a-z][a-z0-9-]+)"', source)
     sent = {name for name in found if not name.startswith("guest-")}  # the agent's, not QMP
     c = caps(version)
