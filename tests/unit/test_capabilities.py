@@ -208,3 +208,24 @@ def test_state_directory_of_an_older_qemusnap_reads_as_fd_streams(tmp_path: Path
         assert new.memory_format is MemoryFormat.MAPPED_RAM and new.machine_type == "pc-q35-7.2"
         assert new.to_json()["memory_format"] == "mapped-ram"
         assert Snapshot.from_json(new.to_json()) == new
+
+
+def test_migrate_arguments_and_the_armed_signal() -> None:
+    from qemusnap.memory import _migrate_args, _ram_flowing
+
+    stream = caps("11.1").save_mechanism(live=True)
+    assert _migrate_args(stream, "file:/dev/fdset/3") == {"uri": "file:/dev/fdset/3"}
+    channels = attrs.evolve(stream, use_channels=True)
+    assert _migrate_args(channels, "file:/dev/fdset/3") == {
+        "channels": [
+            {
+                "channel-type": "main",
+                "addr": {"transport": "file", "filename": "/dev/fdset/3", "offset": 0},
+            }
+        ]
+    }
+    # Pages counted (sent, or zero pages skipped): the write tracking is armed.
+    assert not _ram_flowing({"status": "active", "ram": {"normal": 0, "duplicate": 0}})
+    assert not _ram_flowing({"status": "active"})
+    assert _ram_flowing({"status": "active", "ram": {"normal": 0, "duplicate": 12}})
+    assert _ram_flowing({"status": "active", "ram": {"normal": 3, "duplicate": 0}})
