@@ -48,7 +48,7 @@ from ..errors import (
     UnsupportedError,
 )
 from ..machine import RecordedLaunch, pid_alive, relaunch, wait_pid_exit
-from ..models import DiskSnapshotKind, MemoryKind, SnapshotKind, VMState
+from ..models import DiskSnapshotKind, MemoryFormat, MemoryKind, SnapshotKind, VMState
 from ..monitor import Monitor
 from ..store import DiskRecord, Store, VMRecord
 from ..tree import SnapshotTree, validate_name
@@ -269,12 +269,20 @@ async def clone(
         started = RecordedLaunch(
             new.argv, launch.cwd, new.qmp_socket, launch.uid, launch.gid, launch.groups
         )
+        if snap.machine_type is not None:
+            # The memory state loads only into the machine type it was taken on.
+            started = started.with_machine(snap.machine_type)
         process, monitor = await relaunch(
             started, incoming=True, log_file=Path(directory) / "qemu.log", timeout=timeout
         )
         journal.update(pid=process.pid)
         journal.passed("started")
-        await source.memory.load(monitor, snap.memory_file, timeout=timeout)
+        await source.memory.load(
+            monitor,
+            snap.memory_file,
+            timeout=timeout,
+            fmt=snap.memory_format or MemoryFormat.STREAM,
+        )
         await monitor.wait_status_not("inmigrate", timeout=30.0)
         if snap.vm_state is VMState.RUNNING:
             await monitor.cont()
