@@ -35,6 +35,8 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal
 
+import attrs
+
 from . import process
 from .errors import (
     DiskNotFoundError,
@@ -270,6 +272,7 @@ class QemuImg(_Runner):
         repair: Literal["leaks", "all"] | None = None,
         force_share: bool = False,
         fmt: str | None = None,
+        without_backing: bool = False,
         timeout: float | None = None,
     ) -> CheckResult:
         """``qemu-img check``; with *repair*, fix leaks (or everything) and report what remains.
@@ -277,8 +280,17 @@ class QemuImg(_Runner):
         A format without checks (raw) gives ``result=ok, supported=False``. With
         *force_share* (an image a running QEMU writes) the result can show leaks or
         corruptions that are only metadata QEMU has not written yet.
+
+        *without_backing* (needs *fmt*, for an image that has a backing file): check the image
+        alone.  ``qemu-img check IMAGE`` opens the whole backing chain below IMAGE although the
+        qcow2 check reads only IMAGE's own metadata, so checking every image of an n-deep chain
+        that way opens n²/2 images (39.5 s for 256 on the project machine).  A ``json:`` spec
+        with ``"backing": null`` opens IMAGE alone; the check itself (refcounts, L1/L2 tables,
+        ``-r``) is the same.
         """
         path = _abspath(path)
+        if without_backing and not fmt:
+            raise UsageError("checking an image without its backing file needs its format")
         if repair is not None and force_share:
             raise UsageError(
                 f"refusing to repair {path} with force-share: never write an image a running "
@@ -286,12 +298,18 @@ class QemuImg(_Runner):
             )
         if repair not in (None, "leaks", "all"):
             raise UsageError(f"repair must be 'leaks' or 'all', not {repair!r}")
-        args = ["check", "--output=json", *_fmt(fmt)]
+        if without_backing:
+            assert fmt is not None
+            args = ["check", "--output=json"]
+            target = _alone_spec(path, fmt)
+        else:
+            args = ["check", "--output=json", *_fmt(fmt)]
+            target = path
         if repair:
             args += ["-r", repair]
         if force_share:
             args.append("-U")
-        done = await self._run([*args, path], path, timeout, check=False)
+        done = await self._run([*args, target], path, timeout, check=False)
         if done.returncode == _CHECK_UNSUPPORTED and "does not support checks" in done.stderr:
             return CheckResult(
                 filename=path, result=CheckOutcome.OK, in_use=force_share, supported=False
@@ -300,7 +318,9 @@ class QemuImg(_Runner):
             # 1: the check could not run to the end (I/O error, or -r leaks on an image that
             # needs its refcounts rebuilt); qemu-img prints no JSON then.
             raise _error(done, path)
-        return parse_check(done.stdout, done.returncode, filename=path, in_use=force_share)
+        result = parse_check(done.stdout, done.returncode, filename=path, in_use=force_share)
+        # With a json: spec qemu-img reports that spec as the filename: name the file instead.
+        return attrs.evolve(result, filename=path) if without_backing else result
 
     async def measure(
         self,
@@ -538,6 +558,12 @@ class QemuImg(_Runner):
         if backing and backing_fmt:
             args += ["-F", backing_fmt]
         await self._run([*args, path], path, timeout)
+
+
+def _alone_spec(path: str, fmt: str) -> str:
+    """A ``json:`` image spec that opens *path* (format *fmt*) without its backing chain."""
+    spec = {"driver": fmt, "file": {"driver": "file", "filename": path}, "backing": None}
+    return "json:" + json.dumps(spec)
 
 
 def _remove_if_same(path: str, made: os.stat_result) -> None:
