@@ -322,9 +322,17 @@ class VM:
                     raise ImageInUseError(
                         f"cannot repair {image.filename}: a running QEMU has it open"
                     )
+                # Each image alone (qemu_img.QemuImg.check, without_backing): the chain was
+                # opened once above, so an n-deep chain costs n opens, not n²/2.
                 results.append(
                     await self.qemu_img.check(
-                        image.filename, repair=repair, force_share=self.live, timeout=timeout
+                        image.filename,
+                        repair=repair,
+                        force_share=self.live,
+                        fmt=image.format,
+                        without_backing=image.backing_filename is not None
+                        and image.filename.startswith("/"),
+                        timeout=timeout,
                     )
                 )
         return results
