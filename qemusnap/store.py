@@ -97,6 +97,12 @@ CREATE TABLE IF NOT EXISTS sidecars (
     path TEXT NOT NULL,           -- where its sidecar file was last written (see sidecar.py)
     PRIMARY KEY (vm_id, name)
 );
+CREATE TABLE IF NOT EXISTS image_cache (  -- what qemu-img said about an image (issue 16)
+    path TEXT PRIMARY KEY,
+    stat TEXT NOT NULL,           -- dev:ino:size:mtime_ns:ctime_ns when it was true
+    info TEXT,                    -- qemu-img info JSON of the image alone, or NULL (tags only)
+    tags TEXT NOT NULL            -- JSON [[id or null, name], ...]: its internal snapshots
+);
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY,
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
@@ -482,6 +488,26 @@ class Store:
                         "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                         (json.dumps(disks), vm_id, row["name"]),
                     )
+
+    # --- what qemu-img said about images (qemu_img.ImageCache) ------------------------------
+
+    def cached_image(self, path: str) -> tuple[str, str | None, str] | None:
+        """(stat key, info JSON or None, tags JSON) last recorded for ``path``."""
+        row = self._db.execute(
+            "SELECT stat, info, tags FROM image_cache WHERE path=?", (path,)
+        ).fetchone()
+        return (row["stat"], row["info"], row["tags"]) if row else None
+
+    def cache_image(self, path: str, stat: str, info: str | None, tags: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO image_cache (path, stat, info, tags) VALUES (?,?,?,?)",
+                (path, stat, info, tags),
+            )
+
+    def forget_cached_image(self, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM image_cache WHERE path=?", (path,))
 
     # --- files ----------------------------------------------------------------------------
 
