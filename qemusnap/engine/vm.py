@@ -55,7 +55,9 @@ class VM:
             qga_socket=qga_socket,
             relaunch_hook=relaunch_hook,
             lock_timeout=lock_timeout,
-            qemu_img=qemu_img or QemuImg(),
+            # The store keeps what qemu-img said about each image until the image changes
+            # (qemu_img.ImageCache): with 1,000 snapshots one ``qemu-img info`` costs 0.2 s.
+            qemu_img=qemu_img or QemuImg(cache=store),
         )
 
     # The context's parts, as attributes of the VM (a restart replaces monitor and machine).
