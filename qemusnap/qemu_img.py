@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import stat
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Literal, Protocol
 
@@ -102,10 +103,14 @@ class ImageCache(Protocol):
 
 
 def stat_key(path: str) -> str | None:
-    """What says "this file has not changed": None when it cannot be stat'ed."""
+    """What says "this file has not changed": None when nothing can say it (no such file, or
+    not a regular file: a block device's node keeps its mtime and size while its content
+    changes, so an image on one is asked every time)."""
     try:
         st = os.stat(path)
     except OSError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
         return None
     return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
 
@@ -296,20 +301,7 @@ class QemuImg(_Runner):
         info = ImageInfo.from_json(json.loads(entry[1])) if entry[1] is not None else None
         return info, _tags_from_json(entry[2])
 
-    def _cached_images(self, path: str, backing_chain: bool) -> list[ImageInfo] | None:
-        images: list[ImageInfo] = []
-        current: str | None = path
-        while current is not None:  # a loop, not recursion: chains can be deep
-            if any(i.filename == current for i in images):
-                return None  # a backing loop: let qemu-img say what is wrong
-            hit = self._cached(current, exact=True)
-            if hit is None or hit[0] is None:
-                return None
-            images.append(hit[0])
-            current = hit[0].backing_filename if backing_chain else None
-        return images
-
-    def _remember(self, path: str, items: Sequence[Any], images: Sequence[ImageInfo]) -> None:
+    def _remember(self, items: Sequence[Any], images: Sequence[ImageInfo]) -> None:
         assert self.cache is not None
         for item, image in zip(items, images, strict=True):
             key = stat_key(image.filename) if image.filename.startswith("/") else None
@@ -349,10 +341,36 @@ class QemuImg(_Runner):
         QEMU writes the image: :meth:`image_in_use` asks).
         """
         path = _abspath(path)
-        if self.cache is not None:
-            cached = self._cached_images(path, backing_chain)
-            if cached is not None:
-                return cached
+        if self.cache is None:
+            return await self._info_run(path, backing_chain, force_share, fmt, timeout)
+        # Walk down the chain through the cache.  The first image it does not know (after a
+        # snapshot: the new overlay on top) is asked alone; if the image below that is not
+        # known either, the rest of the chain is asked in one run.  Each image opens once.
+        images: list[ImageInfo] = []
+        current: str | None = path
+        while current is not None and not any(i.filename == current for i in images):
+            hit = self._cached(current, exact=True)
+            if hit is not None and hit[0] is not None:
+                images.append(hit[0])
+            else:
+                images += await self._info_run(
+                    current,
+                    backing_chain and bool(images),
+                    force_share,
+                    images[-1].backing_format if images else fmt,
+                    timeout,
+                )
+            current = images[-1].backing_filename if backing_chain else None
+        return images
+
+    async def _info_run(
+        self,
+        path: str,
+        backing_chain: bool,
+        force_share: bool,
+        fmt: str | None,
+        timeout: float | None,
+    ) -> list[ImageInfo]:
         before = stat_key(path) if self.cache is not None else None
         args = ["info", "--output=json", *_fmt(fmt)]
         if backing_chain:
@@ -365,7 +383,7 @@ class QemuImg(_Runner):
         images = parse_info(done.stdout)
         # Only an answer about an image that did not change while qemu-img read it is kept.
         if self.cache is not None and before is not None and stat_key(path) == before:
-            self._remember(path, items, images)
+            self._remember(items, images)
         return images
 
     async def tags(
