@@ -131,11 +131,7 @@ def adopt_disks(
 def referenced_files(ctx: Context) -> set[str]:
     """Every file a snapshot or a disk of this VM relies on, per the store."""
     files = {d.file for d in ctx.store.vm(ctx.record.id).disks}
-    for snap in ctx.store.snapshots(ctx.record.id):
-        files.update(d.file for d in snap.disks if d.file)
-        if snap.memory_file:
-            files.add(snap.memory_file)
-    return files
+    return files | ctx.store.snapshot_files(ctx.record.id)
 
 
 def remove_created(ctx: Context, paths: Iterable[str | None]) -> None:

@@ -346,7 +346,7 @@ class VM:
         return list(self.tree())
 
     def info(self, name: str) -> Snapshot:
-        return self.tree().get(name)
+        return self.store.snapshot(self.record.id, name)
 
     def current(self) -> Snapshot | None:
         return self.tree().current
