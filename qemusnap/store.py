@@ -84,6 +84,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     disks TEXT NOT NULL,          -- JSON list of DiskSnapshot
     PRIMARY KEY (vm_id, name)
 );
+CREATE INDEX IF NOT EXISTS snapshots_by_seq ON snapshots (vm_id, seq);
 CREATE TABLE IF NOT EXISTS files (
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
     path TEXT NOT NULL,
