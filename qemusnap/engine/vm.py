@@ -352,8 +352,8 @@ class VM:
         return self.tree().current
 
     def parent(self, name: str) -> Snapshot | None:
-        snap = self.tree().get(name)
-        return self.tree().get(snap.parent) if snap.parent else None
+        snap = self.store.snapshot(self.record.id, name)
+        return self.store.snapshot(self.record.id, snap.parent) if snap.parent else None
 
     async def run_state(self, *, timeout: float = 10.0) -> VMState:
         return await shared.run_state(self.ctx, timeout=timeout)
