@@ -24,6 +24,15 @@ import pytest
 from helpers import qemu_img, qemu_io
 
 from qemusnap import VM
+from qemusnap.models import (
+    Consistency,
+    DiskSnapshot,
+    DiskSnapshotKind,
+    MemoryKind,
+    Snapshot,
+    SnapshotKind,
+    VMState,
+)
 
 pytestmark = pytest.mark.qemu_img
 
@@ -230,3 +239,60 @@ def test_a_numeric_name_is_never_taken_for_an_id(short_tmp: Path) -> None:
     cli("--disk", disk, "revert", "a")
     assert reads(disk, 0x11)
     assert [r["result"] for r in cli.json("check")] == ["ok"]  # type: ignore[union-attr,index]
+
+
+def test_a_tree_10000_deep_lists_reverts_and_deletes(short_tmp: Path) -> None:
+    """The store holds a line of 10,000 snapshots (written directly: taking them would take
+    an hour); three of them also exist in the image.  The CLI lists, renders, reverts and
+    deletes in that tree: nothing in the engine recurses or rescans per snapshot."""
+    disk = short_tmp / "disk.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", disk, "16M")
+    state = short_tmp / "state"
+    depth = 10_000
+    real = {"s0": 0x10, "s5000": 0x50, f"s{depth - 1}": 0x99}
+
+    async def fill() -> None:
+        vm = await VM.cold([str(disk)], state_dir=state)
+        async with vm:
+            with vm.store.atomic():
+                for i in range(depth):
+                    name = f"s{i}"
+                    if name in real:
+                        pattern(disk, real[name])
+                        qemu_img("snapshot", "-c", name, disk)
+                    vm.store.add_snapshot(
+                        vm.record.id,
+                        Snapshot(
+                            name=name,
+                            parent=f"s{i - 1}" if i else None,
+                            kind=SnapshotKind.INTERNAL,
+                            memory=MemoryKind.NONE,
+                            consistency=Consistency.CRASH,
+                            vm_state=VMState.SHUTOFF,
+                            created="2026-01-01T00:00:00Z",
+                            disks=(DiskSnapshot("disk", DiskSnapshotKind.INTERNAL, str(disk)),),
+                        ),
+                    )
+
+    asyncio.run(fill())
+    cli = Cli(short_tmp, state)
+    began = time.perf_counter()
+    text = cli("--disk", disk, "list", "--tree").stdout
+    assert tree_names(text) == [f"s{i}" for i in range(depth)]
+    assert len(text) < 60 * depth  # one column: linear, not 200 MB of indentation
+    assert cli.json("parent", "s5000")["name"] == "s4999"  # type: ignore[index]
+
+    pattern(disk, 0x77)
+    cli("--disk", disk, "revert", "s5000")
+    assert reads(disk, 0x50)
+    cli("--disk", disk, "delete", "s5000")
+    assert cli.json("info", "s5001")["parent"] == "s4999"  # type: ignore[index]
+    # --children of a 5,000-deep branch, metadata only (those tags are not in the image).
+    removed = cli.json("delete", "s5001", "--children", "--metadata-only")
+    assert len(removed["deleted"]) == depth - 5001  # type: ignore[index,call-overload]
+    assert len(cli.json("list")) == 5000  # type: ignore[arg-type]
+    cli("--disk", disk, "revert", "s0")
+    assert reads(disk, 0x10)
+    assert time.perf_counter() - began < 120
+    tags = [t["name"] for t in json.loads(qemu_img("info", "--output=json", disk))["snapshots"]]
+    assert tags == ["s0", f"s{depth - 1}"]
