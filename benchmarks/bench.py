@@ -8,6 +8,7 @@ Markdown table on stdout (progress on stderr) and writes everything as JSON.
 
     scripts/bench --quick                  # 512 MiB only, 2 repetitions
     scripts/bench --ram 512,1024,2048      # the default
+    scripts/bench --scale                  # cost vs snapshot count (benchmarks/scale.py)
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ from qemusnap.machine import choose_accel
 from qemusnap.memory import MemoryFiles
 from qemusnap.models import MemoryFormat
 
-from . import fanout, measure, reset, transports
+from . import fanout, measure, reset, scale, transports
 from .guest import MIN_FILL_PERCENT, Log, Serial, fill_ram, guest_config, make_disks
 from .measure import Sample, Target
 from .report import GuestRun, Outcome, busy_now, machine_info, markdown
@@ -88,6 +89,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         help="--fanout: numbers of guests, comma-separated (default 1,2,4)",
     )
     parser.add_argument(
+        "--scale",
+        action="store_true",
+        help="cost per operation at 10/100/1000 snapshots and chains 16/64/256 deep (cold)",
+    )
+    parser.add_argument(
         "--repeat",
         type=_positive,
         help=f"repetitions of each operation (default {DEFAULT_REPEAT}, --quick {QUICK_REPEAT})",
@@ -109,6 +115,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.fill < MIN_FILL_PERCENT or args.fill > 95:
         parser.error(f"--fill must be between {MIN_FILL_PERCENT:g} and 95")
+    if args.scale:
+        args.repeat = args.repeat or (QUICK_REPEAT if args.quick else DEFAULT_REPEAT)
+        args.json = args.json or Path("bench-results/scale.json")
+        return args
     if args.fanout:
         args.repeat = args.repeat or 1
         args.json = args.json or Path("bench-results/fanout.json")
@@ -356,6 +366,8 @@ async def main_async(args: argparse.Namespace, command: str) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     command = shlex.join(["scripts/bench", *(sys.argv[1:] if argv is None else argv)])
+    if args.scale:
+        return scale.run(args)
     if args.fanout:
         args.command = command
         return fanout.run(args)

@@ -91,6 +91,15 @@ class InternalSnapshotInfo:
 
 
 @attrs.frozen
+class SnapshotTag:
+    """An internal snapshot of an image as far as names go: its ``id`` is None when qemusnap
+    made it with ``qemu-img snapshot -c`` and has not read the table since (QEMU picks it)."""
+
+    id: str | None
+    name: str
+
+
+@attrs.frozen
 class ImageInfo:
     """One image of a backing chain, as ``qemu-img info --output=json`` describes it."""
 

@@ -89,6 +89,7 @@ CREATE TABLE IF NOT EXISTS snapshots (
     machine_type TEXT,            -- -machine value the checkpoint ran on (NULL: unknown)
     PRIMARY KEY (vm_id, name)
 );
+CREATE INDEX IF NOT EXISTS snapshots_by_seq ON snapshots (vm_id, seq);
 CREATE TABLE IF NOT EXISTS files (
     vm_id INTEGER NOT NULL REFERENCES vms(id) ON DELETE CASCADE,
     path TEXT NOT NULL,
@@ -101,6 +102,12 @@ CREATE TABLE IF NOT EXISTS sidecars (
     name TEXT NOT NULL,           -- a snapshot's name
     path TEXT NOT NULL,           -- where its sidecar file was last written (see sidecar.py)
     PRIMARY KEY (vm_id, name)
+);
+CREATE TABLE IF NOT EXISTS image_cache (  -- what qemu-img said about an image (issue 16)
+    path TEXT PRIMARY KEY,
+    stat TEXT NOT NULL,           -- dev:ino:size:mtime_ns:ctime_ns when it was true
+    info TEXT,                    -- qemu-img info JSON of the image alone, or NULL (tags only)
+    tags TEXT NOT NULL            -- JSON [[id or null, name], ...]: its internal snapshots
 );
 CREATE TABLE IF NOT EXISTS journal (
     id INTEGER PRIMARY KEY,
@@ -391,6 +398,18 @@ class Store:
             raise SnapshotNotFoundError(f"no snapshot named {name!r}")
         return _snapshot_from_row(row, self.vm(vm_id).current)
 
+    def snapshot_files(self, vm_id: int) -> set[str]:
+        """Every image and memory file the snapshots of a VM refer to.  Read straight from the
+        rows: building every Snapshot costs 60 ms at 1,000 snapshots, once per operation."""
+        files: set[str] = set()
+        for row in self._db.execute(
+            "SELECT disks, memory_file FROM snapshots WHERE vm_id=?", (vm_id,)
+        ):
+            files.update(d["file"] for d in json.loads(row["disks"]) if d.get("file"))
+            if row["memory_file"]:
+                files.add(row["memory_file"])
+        return files
+
     def has_snapshot(self, vm_id: int, name: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
@@ -445,6 +464,7 @@ class Store:
                     "UPDATE snapshots SET parent=? WHERE vm_id=? AND name=?", (parent, vm_id, child)
                 )
             current = db.execute("SELECT current FROM vms WHERE id=?", (vm_id,)).fetchone()[0]
+            gone = set(names)  # --children of a 10,000-deep tree: no list scan per step
             for name in names:
                 row = db.execute(
                     "SELECT parent FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
@@ -453,7 +473,7 @@ class Store:
                 if current == name:
                     # virsh moves "current" to the deleted snapshot's parent.
                     current = row[0] if row else None
-                    while current in names:
+                    while current in gone:
                         up = db.execute(
                             "SELECT parent FROM snapshots WHERE vm_id=? AND name=?",
                             (vm_id, current),
@@ -488,6 +508,26 @@ class Store:
                         "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                         (json.dumps(disks), vm_id, row["name"]),
                     )
+
+    # --- what qemu-img said about images (qemu_img.ImageCache) ------------------------------
+
+    def cached_image(self, path: str) -> tuple[str, str | None, str] | None:
+        """(stat key, info JSON or None, tags JSON) last recorded for ``path``."""
+        row = self._db.execute(
+            "SELECT stat, info, tags FROM image_cache WHERE path=?", (path,)
+        ).fetchone()
+        return (row["stat"], row["info"], row["tags"]) if row else None
+
+    def cache_image(self, path: str, stat: str, info: str | None, tags: str) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO image_cache (path, stat, info, tags) VALUES (?,?,?,?)",
+                (path, stat, info, tags),
+            )
+
+    def forget_cached_image(self, path: str) -> None:
+        with self._tx() as db:
+            db.execute("DELETE FROM image_cache WHERE path=?", (path,))
 
     # --- files ----------------------------------------------------------------------------
 

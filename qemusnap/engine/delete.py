@@ -51,11 +51,12 @@ async def delete(
         plan = plan_delete(tree, name, children=children, children_only=children_only,
                            metadata_only=metadata_only)  # fmt: skip
         await refuse_cloned(ctx, [tree.get(victim) for victim in plan.remove])
-        for victim in plan.remove:
+        if metadata_only:
+            # One transaction, not one per snapshot: --children can name thousands.
+            ctx.store.remove_snapshots(ctx.record.id, plan.remove, {})
+        for victim in () if metadata_only else plan.remove:
             snap = tree.get(victim)
-            if metadata_only:
-                ctx.store.remove_snapshots(ctx.record.id, [victim], {})
-            elif snap.kind is SnapshotKind.INTERNAL:
+            if snap.kind is SnapshotKind.INTERNAL:
                 files = [d.file for d in snap.disks if d.file]
                 await refuse_frozen_tags(ctx, snap)
                 # The reparenting is journaled too: a recovery that finishes the delete

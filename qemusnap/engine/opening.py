@@ -49,7 +49,7 @@ async def cold_record(store: Store, paths: Sequence[str]) -> VMRecord:
     found = store.find_vm(absolute)
     if found is not None:
         return found
-    qemu_img = QemuImg()
+    qemu_img = QemuImg(cache=store)
     disks = []
     for path, given in zip(absolute, paths, strict=True):
         (info,) = await qemu_img.info(path, backing_chain=False, force_share=True)
@@ -65,7 +65,7 @@ async def cold_record(store: Store, paths: Sequence[str]) -> VMRecord:
 
 async def find_or_add_vm(store: Store, disks: Sequence[Disk]) -> VMRecord:
     """The store's record of the VM with these disks (made if new), active images updated."""
-    qemu_img = QemuImg()
+    qemu_img = QemuImg(cache=store)
     writable = [d for d in disks if not d.read_only]
     files: list[str] = []
     for disk in writable:

@@ -44,7 +44,6 @@ from ..models import (
     VMState,
 )
 from ..plan import overlay_path
-from ..tree import SnapshotTree
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
 from .restart import knows_launch, prepare_restart, stop_qemu
@@ -76,7 +75,7 @@ async def revert(
         raise UnsupportedError("--running and --paused exclude each other")
     requested = VMState.RUNNING if running else VMState.PAUSED if paused else None
     async with deadline(timeout, f"revert {name}"), operation(ctx, f"revert {name}"):
-        snap = _tree(ctx).get(name)
+        snap = ctx.store.snapshot(ctx.record.id, name)  # one row, not the whole tree
         if snap.partial:
             raise UnsupportedError(
                 f"{name} is a partial snapshot (a tag only some disks hold): reverting to it"
@@ -93,11 +92,7 @@ async def revert(
         else:
             await revert_external(ctx, snap, disks, requested)
         ctx.store.set_current(ctx.record.id, name)
-    return _tree(ctx).get(name)
-
-
-def _tree(ctx: Context) -> SnapshotTree:
-    return SnapshotTree.of(ctx.store.snapshots(ctx.record.id))
+    return ctx.store.snapshot(ctx.record.id, name)
 
 
 def targets(snap: Snapshot, disks: Sequence[Disk]) -> list[tuple[Disk, str]]:
@@ -320,7 +315,7 @@ async def finish_start(ctx: Context, data: dict[str, Any]) -> None:
     name = data.get("name")
     target = VMState(data["target"]) if data.get("target") else None
     if status == "inmigrate":
-        snap = SnapshotTree.of(ctx.store.snapshots(ctx.record.id)).get(name) if name else None
+        snap = ctx.store.snapshot(ctx.record.id, name) if name else None
         memory = snap.memory_file if snap else data.get("file")
         if memory is None:
             raise OperationError("a restarted QEMU waits for memory state nobody knows")

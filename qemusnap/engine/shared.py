@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import AsyncIterator, Iterable, Sequence
-from typing import Any
 
 from .. import agent as agent_mod
 from ..capabilities import machine_option
@@ -24,6 +23,7 @@ from ..models import (
     MemoryKind,
     Snapshot,
     SnapshotKind,
+    SnapshotTag,
     VMState,
 )
 from ..store import DiskRecord, utc_now
@@ -77,8 +77,11 @@ async def repause_after_save(ctx: Context) -> None:
 
 
 async def refuse_in_use(ctx: Context, disks: Sequence[Disk], hint: str) -> None:
+    # The probe that the write to come would meet: it opens the file layer alone, so it
+    # costs a process start whatever the image holds (``qemu-img info`` of the image would
+    # read its whole snapshot table), and it also sees a QEMU that only reads it.
     for disk in disks:
-        if await ctx.qemu_img.image_in_use(disk.file):
+        if await ctx.qemu_img.image_in_use(disk.file, for_write=True):
             raise ImageInUseError(
                 f"image {disk.file} (disk {disk.name}) is in use by a running QEMU: {hint}"
             )
@@ -94,8 +97,8 @@ async def live_nodes(ctx: Context) -> dict[str, str]:
     return nodes
 
 
-async def tags(ctx: Context, file: str) -> list[Any]:
-    return list(await ctx.qemu_img.snapshot_list(file, force_share=ctx.live))
+async def tags(ctx: Context, file: str) -> list[SnapshotTag]:
+    return await ctx.qemu_img.tags(file, force_share=ctx.live)
 
 
 async def image_format(ctx: Context, file: str) -> str:
@@ -130,11 +133,7 @@ def adopt_disks(
 def referenced_files(ctx: Context) -> set[str]:
     """Every file a snapshot or a disk of this VM relies on, per the store."""
     files = {d.file for d in ctx.store.vm(ctx.record.id).disks}
-    for snap in ctx.store.snapshots(ctx.record.id):
-        files.update(d.file for d in snap.disks if d.file)
-        if snap.memory_file:
-            files.add(snap.memory_file)
-    return files
+    return files | ctx.store.snapshot_files(ctx.record.id)
 
 
 def remove_created(ctx: Context, paths: Iterable[str | None]) -> None:

@@ -55,7 +55,9 @@ class VM:
             qga_socket=qga_socket,
             relaunch_hook=relaunch_hook,
             lock_timeout=lock_timeout,
-            qemu_img=qemu_img or QemuImg(),
+            # The store keeps what qemu-img said about each image until the image changes
+            # (qemu_img.ImageCache): with 1,000 snapshots one ``qemu-img info`` costs 0.2 s.
+            qemu_img=qemu_img or QemuImg(cache=store),
         )
 
     # The context's parts, as attributes of the VM (a restart replaces monitor and machine).
@@ -322,9 +324,17 @@ class VM:
                     raise ImageInUseError(
                         f"cannot repair {image.filename}: a running QEMU has it open"
                     )
+                # Each image alone (qemu_img.QemuImg.check, without_backing): the chain was
+                # opened once above, so an n-deep chain costs n opens, not n²/2.
                 results.append(
                     await self.qemu_img.check(
-                        image.filename, repair=repair, force_share=self.live, timeout=timeout
+                        image.filename,
+                        repair=repair,
+                        force_share=self.live,
+                        fmt=image.format,
+                        without_backing=image.backing_filename is not None
+                        and image.filename.startswith("/"),
+                        timeout=timeout,
                     )
                 )
         return results
@@ -336,14 +346,14 @@ class VM:
         return list(self.tree())
 
     def info(self, name: str) -> Snapshot:
-        return self.tree().get(name)
+        return self.store.snapshot(self.record.id, name)
 
     def current(self) -> Snapshot | None:
         return self.tree().current
 
     def parent(self, name: str) -> Snapshot | None:
-        snap = self.tree().get(name)
-        return self.tree().get(snap.parent) if snap.parent else None
+        snap = self.store.snapshot(self.record.id, name)
+        return self.store.snapshot(self.record.id, snap.parent) if snap.parent else None
 
     async def run_state(self, *, timeout: float = 10.0) -> VMState:
         return await shared.run_state(self.ctx, timeout=timeout)

@@ -227,6 +227,48 @@ def test_check_finds_and_repairs_corruption(img: QemuImg, io: QemuIo, short_tmp:
     assert arun(io.verify_pattern(path, 0x5A, 0, 64 * 1024, fmt="qcow2"))
 
 
+def test_check_without_backing_sees_what_check_sees(img: QemuImg, short_tmp: Path) -> None:
+    """An overlay checked alone (json: spec, "backing": null) reports the same leaks and
+    corruptions as a check through its chain, repairs the same way, and does not open the
+    backing file at all (it still checks once the backing file is gone)."""
+    base = short_tmp / "base.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", base, "1M")
+    images = {"clean": short_tmp / "clean.qcow2"}
+    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", images["clean"])
+    for outcome, make in (("leaks", make_leaky_image), ("corrupt", make_corrupt_image)):
+        images[outcome] = short_tmp / f"{outcome}.qcow2"
+        make(images[outcome])
+        # rebase -u rewrites only the header: the broken metadata stays as it was.
+        qemu_img("rebase", "-u", "-b", base, "-F", "qcow2", images[outcome])
+
+    for outcome, path in images.items():
+        alone = arun(img.check(path, fmt="qcow2", without_backing=True))
+        through = arun(img.check(path))
+        assert alone.result is CheckOutcome(outcome if outcome != "clean" else "ok")
+        assert (alone.result, alone.leaks, alone.corruptions) == (
+            through.result,
+            through.leaks,
+            through.corruptions,
+        )
+        assert alone.filename == str(path)
+    assert arun(img.check(images["leaks"], fmt="qcow2", without_backing=True)).leaks == 1
+
+    fixed = arun(img.check(images["leaks"], repair="leaks", fmt="qcow2", without_backing=True))
+    assert (fixed.result, fixed.leaks_fixed) == (CheckOutcome.OK, 1)
+    fixed = arun(img.check(images["corrupt"], repair="all", fmt="qcow2", without_backing=True))
+    assert fixed.result is CheckOutcome.OK and fixed.corruptions_fixed > 0
+    # The repair kept the backing link (json: "backing": null only applies to this open).
+    (top, below) = arun(img.info(images["corrupt"]))
+    assert (top.backing_filename, below.filename) == (str(base), str(base))
+
+    base.unlink()
+    with pytest.raises(DiskNotFoundError):
+        arun(img.check(images["clean"]))
+    assert arun(img.check(images["clean"], fmt="qcow2", without_backing=True)).ok
+    with pytest.raises(UsageError, match="format"):
+        arun(img.check(images["clean"], without_backing=True))
+
+
 def test_check_raw_image_is_ok_but_unsupported(img: QemuImg, short_tmp: Path) -> None:
     path = short_tmp / "disk.raw"
     arun(img.create(path, fmt="raw", size=MiB))

@@ -70,7 +70,9 @@ def test_relations() -> None:
 def test_render_marks_current_and_nests() -> None:
     text = TREE.render()
     assert text.splitlines()[0].startswith("s1  [internal")
-    assert "├── s2" in text and "│   └── s3" in text and "└── s4 *" in text
+    assert "├── s2" in text and "└── s4 *" in text
+    # s3, s2's only child, continues s2's column: no branch mark, no extra indent.
+    assert text.splitlines()[2].startswith("│   s3  [internal")
 
 
 def test_delete_reparents_children_to_parent() -> None:
