@@ -27,13 +27,13 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import attrs
 
-from . import hostmem
+from . import cmdline, hostmem
 from .capabilities import pin_machine
 from .errors import LaunchError, OperationTimeout, UnsupportedError
 from .monitor import Monitor
@@ -473,88 +473,21 @@ def pin_machine_in_argv(argv: Sequence[str], resolved: str) -> list[str]:
     return out
 
 
-# Options whose value names an image file, in QEMU's "key=value,key=value" syntax.
-_FILE_KEYS = ("file", "filename", "file.filename")
 # Options a restart must not inherit: qemusnap chooses the start state itself.
 _DROP_FLAGS = {"-S"}
 _DROP_WITH_VALUE = {"-incoming", "-loadvm"}
 
 
-def _split_opts(value: str) -> list[str]:
-    """Split QEMU option syntax on single commas (",," is an escaped comma)."""
-    parts, current, i = [], "", 0
-    while i < len(value):
-        if value[i] == ",":
-            if value[i + 1 : i + 2] == ",":
-                current += ",,"
-                i += 2
-                continue
-            parts.append(current)
-            current = ""
-        else:
-            current += value[i]
-        i += 1
-    parts.append(current)
-    return parts
-
-
 def replace_disk_paths(argv: Sequence[str], replace: Mapping[str, str], cwd: str) -> list[str]:
-    """Point every image argument of ``argv`` found in ``replace`` (absolute paths) elsewhere.
-
-    Understands ``-drive file=...``, ``-blockdev`` in both dotted and JSON syntax, and
-    ``-hda``-style options.  Relative paths are resolved against the process's ``cwd``.
-    """
-    return _map_image_args(argv, cwd, replace.get)
+    """Point every image argument of ``argv`` found in ``replace`` (absolute paths) elsewhere,
+    opened as the qcow2 image qemusnap made there (see :mod:`qemusnap.cmdline`).  Relative
+    paths are resolved against the process's ``cwd``."""
+    return cmdline.replace_images(argv, replace, cwd)
 
 
 def image_paths_in_argv(argv: Sequence[str], cwd: str) -> list[str]:
     """The absolute paths of every image file ``argv`` names (see :func:`replace_disk_paths`)."""
-    found: list[str] = []
-
-    def note(path: str) -> None:
-        found.append(path)
-
-    _map_image_args(argv, cwd, note)
-    return found
-
-
-def _map_image_args(argv: Sequence[str], cwd: str, swap: Callable[[str], str | None]) -> list[str]:
-    """``argv`` with each image path ``p`` (made absolute) replaced by ``swap(p)`` if not None."""
-
-    def new(path: str) -> str | None:
-        return swap(os.path.normpath(os.path.join(cwd, path)))
-
-    def swap_json(node: Any) -> Any:
-        if not isinstance(node, dict):
-            return node
-        out = {}
-        for key, value in node.items():
-            if key == "filename" and isinstance(value, str):
-                out[key] = new(value) or value
-            else:
-                out[key] = swap_json(value)
-        return out
-
-    out: list[str] = []
-    for i, arg in enumerate(argv):
-        option = argv[i - 1] if i else ""
-        if option in ("-hda", "-hdb", "-hdc", "-hdd"):
-            out.append(new(arg) or arg)
-        elif option == "-blockdev" and arg.startswith("{"):
-            out.append(json.dumps(swap_json(json.loads(arg)), separators=(",", ":")))
-        elif option in ("-drive", "-blockdev"):
-            parts = []
-            for part in _split_opts(arg):
-                key, _, value = part.partition("=")
-                if key in _FILE_KEYS and value:
-                    replaced = new(value.replace(",,", ","))
-                    if replaced is not None:
-                        part = f"{key}={replaced.replace(',', ',,')}"
-                parts.append(part)
-            out.append(",".join(parts))
-        else:
-            out.append(arg)
-    return out
+    return cmdline.image_paths(argv, cwd)
 
 
 def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
@@ -567,7 +500,7 @@ def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
         opts.get("id")
         for option, value in itertools.pairwise(argv)
         if option == "-chardev"
-        for opts in [_opts_dict(value)]
+        for opts in [cmdline.opts_dict(value)]
         if "fd" in opts
     }
     out: list[str] = []
@@ -584,13 +517,13 @@ def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
             out += ["-chardev", f"file,id={chardev},path={path},append=on"]
             out += ["-serial", f"chardev:{chardev}"]
             skip = True
-        elif arg == "-chardev" and _opts_dict(value).get("") == "file":
-            out += [arg, value if "append" in _opts_dict(value) else f"{value},append=on"]
+        elif arg == "-chardev" and cmdline.opts_dict(value).get("") == "file":
+            out += [arg, value if "append" in cmdline.opts_dict(value) else f"{value},append=on"]
             skip = True
         elif (
             arg in _DROP_WITH_VALUE
-            or (arg == "-chardev" and _opts_dict(value).get("id") in fd_chardevs)
-            or (arg == "-mon" and _opts_dict(value).get("chardev") in fd_chardevs)
+            or (arg == "-chardev" and cmdline.opts_dict(value).get("id") in fd_chardevs)
+            or (arg == "-mon" and cmdline.opts_dict(value).get("chardev") in fd_chardevs)
         ):
             skip = True
         else:
@@ -598,18 +531,6 @@ def restart_argv(argv: Sequence[str], *, incoming: bool) -> list[str]:
     out.append("-S")
     if incoming:
         out += ["-incoming", "defer"]
-    return out
-
-
-def _opts_dict(value: str) -> dict[str, str]:
-    """``socket,id=x,fd=3`` -> {"": "socket", "id": "x", "fd": "3"} (QEMU option syntax)."""
-    out: dict[str, str] = {}
-    for part in _split_opts(value):
-        key, sep, val = part.partition("=")
-        if sep:
-            out[key] = val
-        else:
-            out[""] = key
     return out
 
 

@@ -32,9 +32,10 @@ def test_replace_disk_paths_in_every_syntax() -> None:
     }
     out = replace_disk_paths(argv, replace, "/vm")
     assert out[2] == "file=/vm/new1.qcow2,if=virtio,format=qcow2"
-    assert out[4] == "driver=file,filename=/img/new,,2.qcow2,node-name=f1"
+    # A bare protocol node nobody else opens: a device reads it, so it becomes a qcow2 node.
+    assert out[4] == "driver=qcow2,node-name=f1,file.driver=file,file.filename=/img/new,,2.qcow2"
     assert json.loads(out[6])["file"]["filename"] == "/img/new3.qcow2"
-    assert out[8] == "/img/new4.qcow2"
+    assert out[7:9] == ["-drive", "file=/img/new4.qcow2,index=0,media=disk,format=qcow2"]
     assert out[10] == "unix:/run/q.sock,server=on,wait=off"  # sockets stay where they were
 
 
