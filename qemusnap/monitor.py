@@ -162,6 +162,11 @@ def _disk_name(info: Mapping[str, Any], inserted: Mapping[str, Any]) -> str:
         return qdev[len(prefix) :].split("/", 1)[0]
     if qdev and "/" not in qdev:
         return qdev
+    if not info.get("device") and qdev.startswith("/machine/system.flash"):
+        # A pflash attached with -machine pflashN=NODE has no drive name, and its node name
+        # is the active image's (an external snapshot changes it): call it what
+        # -drive if=pflash,unit=N calls it.
+        return "pflash" + qdev.removeprefix("/machine/system.flash")
     return str(info.get("device") or inserted["node-name"])
 
 
