@@ -41,7 +41,16 @@ async def create_internal(
     with_memory: bool,
     quiesce: bool,
 ) -> Snapshot:
-    for disk in chosen:
+    for disk in sorted(chosen, key=lambda d: not is_firmware_flash(d)):
+        if disk.format != "qcow2" and is_firmware_flash(disk):
+            # snapshot-save needs every device it saves to hold internal snapshots (qcow2);
+            # leaving the NVRAM out would bring the guest back with the wrong UEFI state.
+            raise UnsupportedError(
+                f"disk {disk.name} ({disk.file}) is the UEFI NVRAM, a {disk.format} image:"
+                " an internal checkpoint cannot hold it; keep the NVRAM in qcow2"
+                " (-drive if=pflash,format=qcow2,...) or take an external checkpoint"
+                " (--memory-file FILE)"
+            )
         if disk.format != "qcow2":
             raise UnsupportedError(
                 f"disk {disk.name} ({disk.file}) is {disk.format}: only qcow2 images can"
@@ -104,3 +113,9 @@ async def recover_create_internal(ctx: Context, data: dict[str, Any], journal: J
     name = data.get("name", "")
     if not ctx.store.has_snapshot(ctx.record.id, name):
         await delete_internal_tags(ctx, name, data["files"])
+
+
+def is_firmware_flash(disk: Disk) -> bool:
+    """A pflash device (``-drive if=pflash``, ``-machine pflash1=``): its QOM path is
+    ``/machine/system.flash0``/``1`` on pc and q35."""
+    return (disk.device or "").startswith("/machine/system.flash")

@@ -6,14 +6,35 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+from .. import cmdline
 from ..errors import DiskNotFoundError, UnsupportedError
 from ..models import Disk
 from ..qemu_img import QemuImg
 from ..store import DiskRecord, Store, VMLock, VMRecord, default_state_dir
 from . import context
+
+
+def refuse_throwaway_overlays(disks: Sequence[Disk], launch: Mapping[str, Any] | None) -> None:
+    """Refuse a QEMU started with ``-snapshot`` (or ``-drive snapshot=on``), before the state
+    directory records anything: QEMU writes the guest's data into temporary overlays it has
+    already unlinked (``/var/tmp/vl.XXXXXX``, ``bdrv_append_temp_snapshot``) and throws away
+    on exit, so no snapshot qemusnap took would survive a restart, and the images it would
+    record are not the guest's."""
+    argv = launch.get("argv", ()) if launch else ()
+    temporary = [
+        d
+        for d in disks
+        if os.path.basename(d.file).startswith("vl.") and not os.path.exists(d.file)
+    ]
+    if cmdline.throwaway_overlays(argv) or temporary:
+        raise UnsupportedError(
+            "QEMU runs with -snapshot (temporary overlays it discards on exit): nothing"
+            " qemusnap saved would survive; start it without -snapshot"
+        )
 
 
 async def wait_until_free(state_dir: str | os.PathLike[str] | None, qmp_socket: str) -> None:

@@ -27,7 +27,7 @@ from ..tree import SnapshotTree
 from . import clone, create, delete, journal, resets, revert, save_restore, shared
 from . import rebuild as rebuild_room
 from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook, log
-from .opening import cold_record, find_or_add_vm, wait_until_free
+from .opening import cold_record, find_or_add_vm, refuse_throwaway_overlays, wait_until_free
 
 
 class VM:
@@ -166,15 +166,21 @@ class VM:
                 f"the QEMU behind {qmp} belongs to uid {owner}, not to you (uid {os.getuid()}):"
                 " refusing to drive it (--allow-other-user overrides)"
             )
-        store = Store(state_dir)
         try:
             disks = await asyncio.wait_for(monitor.disks(), timeout)
-            record = await find_or_add_vm(store, disks)
             launch: dict[str, Any] | None = None
             if isinstance(qmp, str):
                 pid = monitor.peer_pid()
                 if pid is not None:
                     launch = RecordedLaunch.of_pid(pid, os.path.abspath(qmp)).to_json()
+            refuse_throwaway_overlays(disks, launch)
+        except BaseException:
+            if monitor is not qmp:
+                await monitor.close()
+            raise
+        store = Store(state_dir)
+        try:
+            record = await find_or_add_vm(store, disks)
             store.set_vm_info(
                 record.id, qmp_socket=qmp if isinstance(qmp, str) else None, launch=launch
             )
