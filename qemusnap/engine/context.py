@@ -14,6 +14,7 @@ import itertools
 import logging
 import os
 from collections.abc import Awaitable, Callable
+from typing import Any
 
 import attrs
 
@@ -32,8 +33,10 @@ log = logging.getLogger("qemusnap.engine")
 #: disk (by disk name) and whether memory will be loaded (``-incoming defer`` wanted); returns a
 #: connected Monitor of the new, paused QEMU.
 RelaunchHook = Callable[[dict[str, str], bool], Awaitable[Monitor]]
-#: Starts QEMU again (paused; ``incoming``: waiting for memory state), prepared beforehand.
-Starter = Callable[[bool], Awaitable[None]]
+#: Starts QEMU again (paused; ``incoming``: waiting for memory state), prepared beforehand;
+#: given the operation's journal, it notes there the process it spawned (``spawned``) before
+#: connecting to it.
+Starter = Callable[[bool, Any], Awaitable[None]]
 
 DEFAULT_TIMEOUT = 300.0
 #: How long an operation waits for another one on the same VM ($QEMUSNAP_LOCK_TIMEOUT).

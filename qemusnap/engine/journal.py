@@ -13,7 +13,10 @@ left running inside QEMU, calls the declared recovery, resumes a VM the operatio
 and ends the entry.  Adding an operation never edits this file.
 
 The journal format (operation names, data keys) is the one the single-module engine wrote, so
-entries an older qemusnap left still recover.
+entries an older qemusnap left still recover.  One key means the same for every operation:
+``outcome``, set by a recovery, is what the user must be told about the state it left (added
+to the failing operation's error by a rollback, logged as an error by a later command's
+repair).
 """
 
 from __future__ import annotations
@@ -122,6 +125,9 @@ async def journaled(ctx: Context, operation: str, **data: Any) -> AsyncIterator[
         except Exception as undo:
             exc.add_note(f"rollback failed, `qemusnap recover` will retry: {undo}")
             log.warning("rollback of %s failed: %s", operation, undo)
+        else:
+            if entry.data.get("outcome"):
+                exc.add_note(str(entry.data["outcome"]))
         raise
     ctx.store.journal_end(entry.id)
 
@@ -140,6 +146,8 @@ async def recover_pending(ctx: Context) -> None:
             journal = Journal(ctx.store, ctx.record.id, entry.operation, entry.data, id=entry.id)
             await recover_entry(ctx, entry.operation, entry.data, journal)
         ctx.store.journal_end(entry.id)
+        if entry.data.get("outcome"):
+            log.error("%s", entry.data["outcome"])
 
 
 async def recover(ctx: Context, *, timeout: float = DEFAULT_TIMEOUT) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 from collections.abc import Iterable
+from typing import Any
 
 import attrs
 
@@ -49,7 +50,7 @@ async def prepare_restart(
     if ctx.relaunch_hook is not None:
         hook = ctx.relaunch_hook
 
-        async def by_hook(incoming: bool) -> None:
+        async def by_hook(incoming: bool, journal: Any) -> None:
             ctx.monitor = await hook(dict(new_files), incoming)
 
         return by_hook
@@ -64,10 +65,12 @@ async def prepare_restart(
         if machine_type is not None:
             config = config.with_machine(machine_type)
 
-        async def by_machine(incoming: bool) -> None:
-            ctx.machine = Machine(config, paused=True, incoming=incoming)
-            await ctx.machine.launch()
-            ctx.monitor = ctx.machine.monitor
+        async def by_machine(incoming: bool, journal: Any) -> None:
+            # The old Machine stays ctx.machine until the new one runs: a restart that fails
+            # falls back to its config.
+            started = Machine(config, paused=True, incoming=incoming)
+            await started.launch()
+            ctx.machine, ctx.monitor = started, started.monitor
 
         return by_machine
     recorded = ctx.store.vm(ctx.record.id).launch
@@ -82,7 +85,7 @@ async def prepare_restart(
         launch = launch.with_machine(machine_type)
     log_file = ctx.store.memory_dir(ctx.record.id).parent / "qemu.log"
 
-    async def by_command_line(incoming: bool) -> None:
+    async def by_command_line(incoming: bool, journal: Any) -> None:
         _, ctx.monitor = await relaunch(launch, incoming=incoming, log_file=log_file)
         ctx.store.set_vm_info(ctx.record.id, launch=launch.to_json())
 

@@ -18,6 +18,11 @@ state to load needs, pinned on restart): overlays made (``overlays-made``), QEMU
 quit (``stopped``) and started on them (``started``, ``-incoming defer`` for a checkpoint),
 memory state loaded, run state settled, disks recorded.
 
+Both also journal ``before`` (the run state of a VM that ran) and ``launch`` (the recorded
+command line), and, once QEMU is spawned, its pid (``spawned``, a crash point).  A restart
+that fails (QEMU exits, or cannot load the state) is journaled (``restart_failed``) and rolled
+back by falling back, once, to the previous images and command line (:func:`fall_back`).
+
 Killed halfway, :func:`recover_revert` decides by how far it got (:func:`recover_restart`):
 QEMU already stopped, or already running on the new images, the revert is finished (QEMU
 started, memory or snapshot-load done, run state, records); QEMU still on the old images (or a
@@ -27,13 +32,18 @@ journals the same keys (no overlays) and is recovered by the same code.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
-from collections.abc import Awaitable, Callable, Sequence
+import signal
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 from .. import process
 from ..aio import deadline
 from ..errors import DiskNotFoundError, OperationError, UnsupportedError
+from ..machine import RecordedLaunch, pid_alive, wait_pid_exit
 from ..models import (
     Disk,
     DiskSnapshotKind,
@@ -43,6 +53,7 @@ from ..models import (
     SnapshotKind,
     VMState,
 )
+from ..monitor import Monitor
 from ..plan import overlay_path
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
@@ -55,6 +66,7 @@ from .shared import (
     load_internal,
     refuse_in_use,
     remove_created,
+    run_state,
     settle,
     tags,
 )
@@ -135,12 +147,15 @@ async def revert_internal(
     old = [d.file for d in disks]
     holders = [clones.get(disk.name, disk.file) for disk, _ in covered]
     target = requested or (snap.vm_state if in_place else VMState.RUNNING)
+    before = str(await run_state(ctx)) if live else None
     # Recovery finishes a revert whose QEMU is already gone (stopped) or restarted: it must
     # know what is left to do (``qemu-img snapshot -a`` on the holders, or a snapshot-load
-    # in the new QEMU), the run state wanted, and the images the revert abandons.
+    # in the new QEMU), the run state wanted, and the images the revert abandons; and, if
+    # the restart fails, how to start the VM again as it was.
     async with journaled(
         ctx, "revert", name=snap.name, overlays=clones, old=old, target=str(target),
-        holders=holders, apply=not in_place, load=in_place,
+        holders=holders, apply=not in_place, load=in_place, before=before,
+        launch=ctx.store.vm(ctx.record.id).launch,
     ) as journal:  # fmt: skip
         for disk, file in covered:
             if disk.name in clones:
@@ -154,17 +169,18 @@ async def revert_internal(
             for holder in holders:
                 await ctx.qemu_img.snapshot_apply(holder, snap.name)
             await delete_internal_tags(ctx, snap.name, list(clones.values()))
-        if start is not None:
-            await start(False)
-            journal.update(started=True)
-            journal.passed("started")
-        if in_place:
-            # QEMU finishes a snapshot-load job even if we die: recovery (which waits for
-            # it) must then treat the revert as done, and loads again to be sure.
-            journal.update(loading=True)
-            await load_internal(ctx, snap.name, holders)
-            journal.update(loaded=True)
-            journal.passed("loaded")
+        async with restart_failure(ctx, journal, restarts=start is not None):
+            if start is not None:
+                await start(False, journal)
+                journal.update(started=True)
+                journal.passed("started")
+            if in_place:
+                # QEMU finishes a snapshot-load job even if we die: recovery (which waits
+                # for it) must then treat the revert as done, and loads again to be sure.
+                journal.update(loading=True)
+                await load_internal(ctx, snap.name, holders)
+                journal.update(loaded=True)
+                journal.passed("loaded")
             await delete_internal_tags(ctx, snap.name, list(clones.values()))
         if ctx.monitor is not None:
             await settle(ctx, target)
@@ -218,10 +234,12 @@ async def revert_external(
         await refuse_in_use(ctx, disks, "use --qmp SOCKET to revert it live")
     old = {d.name: d.file for d in disks}
     target = requested or (snap.vm_state if with_memory else VMState.RUNNING)
+    before = str(await run_state(ctx)) if ctx.monitor is not None else None
     async with journaled(
         ctx, "revert", name=snap.name, overlays=overlays, old=list(old.values()),
         target=str(target), memory=with_memory,
-        machine_type=snap.machine_type if with_memory else None,
+        machine_type=snap.machine_type if with_memory else None, before=before,
+        launch=ctx.store.vm(ctx.record.id).launch,
     ) as journal:  # fmt: skip
         for disk, file in covered:
             await ctx.qemu_img.create(
@@ -236,17 +254,18 @@ async def revert_external(
                 await stop_qemu(ctx)
             journal.update(stopped=True)
             journal.passed("stopped")
-            await start(with_memory)
-            journal.update(started=True)
-            journal.passed("started")
-            if with_memory:
-                assert ctx.monitor is not None and snap.memory_file is not None
-                await ctx.memory.load(
-                    ctx.monitor,
-                    snap.memory_file,
-                    timeout=DEFAULT_TIMEOUT,
-                    fmt=snap.memory_format or MemoryFormat.STREAM,
-                )
+            async with restart_failure(ctx, journal):
+                await start(with_memory, journal)
+                journal.update(started=True)
+                journal.passed("started")
+                if with_memory:
+                    assert ctx.monitor is not None and snap.memory_file is not None
+                    await ctx.memory.load(
+                        ctx.monitor,
+                        snap.memory_file,
+                        timeout=DEFAULT_TIMEOUT,
+                        fmt=snap.memory_format or MemoryFormat.STREAM,
+                    )
             await settle(ctx, target)
         adopt_disks(ctx, disks, overlays, owned=overlays.values())
     discard_abandoned(ctx, old.values())
@@ -285,23 +304,43 @@ async def recover_restart(
       are removed and the old disks kept.
     """
     overlays: dict[str, str] = data.get("overlays", {})
-    if ctx.monitor is None and data.get("stopped"):
-        if before_start is not None:
-            await before_start(ctx, data)
-        # machine_type: journaled when memory state is to be loaded (None otherwise).
-        start = await prepare_restart(ctx, overlays, machine_type=data.get("machine_type"))
-        await start(bool(data.get("memory")))
-        journal.update(started=True)  # a recovery interrupted now finds it started
-        data["started"] = True
-    if ctx.monitor is not None and (data.get("started") or data.get("loading")):
-        now = await ctx.monitor.disks()
-        if all(d.file == overlays.get(d.name, d.file) for d in now):
-            await finish_start(ctx, data)
-            adopt_disks(ctx, now, overlays, owned=overlays.values())
-            if data.get("name"):
-                ctx.store.set_current(ctx.record.id, data["name"])
-            discard_abandoned(ctx, data.get("old", []))
-            return
+    if data.get("restart_failed"):
+        await fall_back(ctx, data, journal)
+        return
+    try:
+        if ctx.monitor is None and data.get("spawned") and not data.get("started"):
+            await reconnect_spawned(ctx, int(data["spawned"]))
+        if ctx.monitor is None and data.get("stopped"):
+            if before_start is not None:
+                await before_start(ctx, data)
+            # machine_type: journaled when memory state is to be loaded (None otherwise).
+            start = await prepare_restart(ctx, overlays, machine_type=data.get("machine_type"))
+            await start(bool(data.get("memory")), journal)
+            journal.update(started=True)  # a recovery interrupted now finds it started
+            data["started"] = True
+        # A QEMU that runs now although the operation had stopped (or spawned) one is the
+        # restarted QEMU, whether or not the journal got to say "started" (killed between
+        # the spawn and that update, it waits paused (-S) or in "inmigrate": finish it).
+        restarted = any(data.get(k) for k in ("started", "loading", "stopped", "spawned"))
+        if ctx.monitor is not None and restarted:
+            now = await ctx.monitor.disks()
+            if all(d.file == overlays.get(d.name, d.file) for d in now):
+                await finish_start(ctx, data)
+                adopt_disks(ctx, now, overlays, owned=overlays.values())
+                if data.get("name"):
+                    ctx.store.set_current(ctx.record.id, data["name"])
+                discard_abandoned(ctx, data.get("old", []))
+                return
+    except OperationError as exc:
+        if not (data.get("stopped") or data.get("started") or data.get("spawned")):
+            raise  # QEMU was not restarted: nothing to fall back from
+        # One attempt only: a restart that fails now would fail on every later command.
+        log.warning("restarting QEMU on the new images failed: %s", exc)
+        data["restart_failed"] = str(exc)
+        journal.update(restart_failed=str(exc))
+        await drop_restarted(ctx)
+        await fall_back(ctx, data, journal)
+        return
     in_use = {d.file for d in await current_disks(ctx)} if ctx.monitor is not None else set()
     remove_created(ctx, [p for p in overlays.values() if p not in in_use])
 
@@ -342,3 +381,124 @@ async def reapply_internal(ctx: Context, data: dict[str, Any]) -> None:
         if os.path.exists(holder) and any(t.name == name for t in await tags(ctx, holder)):
             await ctx.qemu_img.snapshot_apply(holder, name)
     await delete_internal_tags(ctx, name, list(data.get("overlays", {}).values()))
+
+
+# --- a restart that fails -----------------------------------------------------------------------
+
+
+@contextlib.asynccontextmanager
+async def restart_failure(
+    ctx: Context, journal: Journal, *, restarts: bool = True
+) -> AsyncIterator[None]:
+    """A failed restart (QEMU did not start, or could not load the state) is journaled, and
+    the QEMU it left stopped, before the error goes on to the rollback: that then falls back
+    to the previous images at once (:func:`fall_back`) instead of trying the failing restart
+    again, and finds no QEMU whose leftovers it would have to stop first."""
+    try:
+        yield
+    except OperationError as exc:
+        if restarts:
+            journal.update(restart_failed=str(exc))
+            await drop_restarted(ctx)
+        raise
+
+
+async def fall_back(ctx: Context, data: dict[str, Any], journal: Journal) -> None:
+    """A revert or restore whose new QEMU did not start (or could not load the state): the VM
+    goes back to what it was before, once.  The new QEMU, if it lives, is stopped; the new
+    images are removed; the command line recorded before comes back; a VM that ran before is
+    started again on its previous images (still what the store records: they change only once
+    the restart succeeded), in its previous run state.  Its RAM is lost with the QEMU the
+    operation stopped: it boots afresh.
+
+    If even that start fails, the VM is left stopped on its previous images, and the journal
+    entry ends anyway: retrying on every later command would fail the same way.  What became
+    of the VM is the entry's ``outcome``, for the user."""
+    await drop_restarted(ctx)
+    if data.get("launch") is not None:
+        # A restart records its command line as soon as QEMU runs (so that recovery knows
+        # it): the previous one comes back from the journal.
+        ctx.store.set_vm_info(ctx.record.id, launch=data["launch"])
+    remove_created(ctx, list(data.get("overlays", {}).values()))
+    before = data.get("before")
+    outcome = "(the VM stays stopped, on its previous images)"
+    if before is not None and not data.get("fallback_failed"):
+        try:
+            start = await prepare_restart(ctx, {})
+            await start(False, None)
+            await settle(ctx, VMState(before))
+            outcome = "(the VM was started again on its previous images and command line)"
+        except OperationError as exc:
+            await drop_restarted(ctx)
+            journal.update(fallback_failed=str(exc))
+            log.warning("QEMU did not start on the previous images either: %s", exc)
+    if data.get("fallback_failed"):
+        outcome = (
+            f"(QEMU did not start on the previous images either: {data['fallback_failed']};"
+            " the VM is stopped, its disks hold what they held before; start it with its usual"
+            " command line)"
+        )
+    journal.update(outcome=outcome)
+
+
+async def drop_restarted(ctx: Context) -> None:
+    """Stop the QEMU a failed restart left (quit, else SIGKILL), if any."""
+    monitor, ctx.monitor = ctx.monitor, None
+    if monitor is None:
+        return
+    if ctx.machine is not None:
+        await ctx.machine.shutdown(timeout=5.0)
+        return
+    pid = monitor.peer_pid()
+    with contextlib.suppress(Exception):
+        await monitor.quit()
+    with contextlib.suppress(Exception):
+        await monitor.close()
+    if pid is not None and not await wait_pid_exit(pid, 10.0):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await wait_pid_exit(pid, 10.0)
+
+
+async def reconnect_spawned(ctx: Context, pid: int) -> None:
+    """The QEMU an interrupted restart spawned, if it still lives: wait until it listens on
+    its QMP socket and use it.  Starting another instead would race it for the images and the
+    socket path (QEMU unlinks and binds the path at start), and leave one of the two waiting,
+    paused, behind a socket nobody can reach."""
+    recorded = ctx.store.vm(ctx.record.id).launch
+    if not recorded or "qmp_socket" not in recorded:
+        return
+    path = str(recorded["qmp_socket"])
+    until = asyncio.get_running_loop().time() + 30.0
+    while runs_qemu_on(pid, path):
+        try:
+            monitor = await Monitor.connect(path, timeout=2.0)
+        except Exception:  # not listening yet
+            if asyncio.get_running_loop().time() > until:
+                break
+            await asyncio.sleep(0.05)
+            continue
+        if monitor.peer_pid() == pid:
+            ctx.monitor = monitor
+            launch = RecordedLaunch.of_pid(pid, path).to_json()
+            ctx.store.set_vm_info(ctx.record.id, launch=launch)
+            return
+        await monitor.close()  # another process serves the path: not ours to touch
+        return
+    if runs_qemu_on(pid, path):
+        # Spawned by the operation and never answering: it holds the new images.
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+        await wait_pid_exit(pid, 10.0)
+
+
+def runs_qemu_on(pid: int, qmp_socket: str) -> bool:
+    """Whether process ``pid`` lives and names ``qmp_socket`` on its command line (a pid the
+    journal recorded may have been reused since)."""
+    if not pid_alive(pid):
+        return False
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return False
+    return any(qmp_socket.encode() in arg for arg in argv)

@@ -8,7 +8,8 @@ resumed; killed after, with QEMU gone, the save is recorded; with QEMU still the
 is removed and a VM that ran runs again.
 
 Restore (journal ``restore``: ``file``, ``target``, ``format`` (stream | mapped-ram),
-``machine_type``; later ``started``): QEMU started waiting
+``machine_type``, ``launch``; later ``spawned``, ``started``, and ``restart_failed`` if QEMU
+did not start or load: it then stays stopped): QEMU started waiting
 for memory (``-incoming defer``, ``started``), the file loaded, the run state settled.  Killed
 halfway, a started QEMU is finished (the load done or waited for, run state settled), see
 :func:`qemusnap.engine.revert.recover_restart`.
@@ -26,7 +27,7 @@ from ..models import MemoryFormat, VMState
 from .context import DEFAULT_TIMEOUT, Context, log
 from .journal import Journal, journaled, operation, recovers
 from .restart import prepare_restart, stop_qemu
-from .revert import recover_restart
+from .revert import recover_restart, restart_failure
 from .shared import disks as current_disks
 from .shared import machine_type, remove_created, run_state, settle
 
@@ -104,11 +105,19 @@ async def restore(
         start = await prepare_restart(ctx, {}, machine_type=machine)
         default = VMState(saved.get("vm_state", "running"))
         target = VMState.RUNNING if running else VMState.PAUSED if paused else default
-        async with journaled(
-            ctx, "restore", file=path, target=str(target), format=str(fmt),
-            machine_type=machine,
-        ) as journal:  # fmt: skip
-            await start(True)
+        async with (
+            journaled(
+                ctx,
+                "restore",
+                file=path,
+                target=str(target),
+                format=str(fmt),
+                machine_type=machine,
+                launch=ctx.store.vm(ctx.record.id).launch,
+            ) as journal,  # fmt: skip
+            restart_failure(ctx, journal),
+        ):
+            await start(True, journal)
             journal.update(started=True)
             journal.passed("started")
             assert ctx.monitor is not None

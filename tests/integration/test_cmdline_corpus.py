@@ -400,3 +400,123 @@ def test_throwaway_overlays_are_refused(corpus_dir: Path) -> None:
         assert not state.exists() or not any(
             p.name == "qemusnap.db" and p.stat().st_size for p in state.iterdir()
         )
+
+
+# --- a restart that fails -----------------------------------------------------------------------
+
+
+def _wrapper(tmp: Path) -> Path:
+    """A ``qemu-system-x86_64`` that fails to start (as QEMU does, one line on stderr, exit 1)
+    once after ``tmp/fail-once`` appears, and always while ``tmp/broken`` exists.  It runs
+    QEMU as itself (``exec -a``), so the command line qemusnap records starts with it."""
+    script = tmp / "qemu-wrap"
+    script.write_text(
+        "#!/bin/bash\n"
+        f"if [[ -e {tmp}/broken ]] || rm {tmp}/fail-once 2>/dev/null; then\n"
+        '  echo "qemu-system-x86_64: -drive file=...: Could not open backing image" >&2\n'
+        "  exit 1\n"
+        "fi\n"
+        'exec -a "$0" qemu-system-x86_64 "$@"\n'
+    )
+    script.chmod(0o755)
+    return script
+
+
+def _answers(sock: Path) -> bool:
+    import socket
+
+    with socket.socket(socket.AF_UNIX) as s:
+        try:
+            s.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
+def _started(tmp: Path, binary: Path | None = None) -> Corpus:
+    style = STYLES["drive-format-raw"]
+    config = MachineConfig(
+        accel="tcg",
+        memory_mib=128,
+        qmp_socket=str(tmp / "qmp.sock"),
+        extra_args=tuple(style.args(tmp)),
+        binary=str(binary) if binary else None,
+    )
+    corpus = Corpus(tmp, style, ForeignVM(config, tmp / "qemu.log").start())
+    corpus.read_only = corpus.read_only_media()
+    return corpus
+
+
+def test_failed_restart_falls_back_to_the_previous_images(corpus_dir: Path) -> None:
+    """The new QEMU exits at start: the VM is started again on its previous images and
+    command line, running, and the revert fails with QEMU's own message; nothing is left to
+    recover, and the next revert does the same (no restart retried behind the user's back)."""
+    corpus = _started(corpus_dir, _wrapper(corpus_dir))
+    try:
+        corpus.put(P1)
+        corpus.qs("create", "d1", "--disk-only")
+        corpus.put(P2)
+        images = corpus.images()
+        listing = corpus.qs("--json", "list").stdout
+        for attempt in (1, 2):
+            (corpus_dir / "fail-once").touch()
+            done = corpus.qs("revert", "d1", "--force", expect=1)
+            assert "Could not open backing image" in done.stderr, done.stderr
+            assert "started again on its previous images" in done.stderr, done.stderr
+            assert corpus.vm.status() == "running", f"attempt {attempt}"
+            corpus.expect(P2, f"failed revert {attempt}")
+            assert corpus.images() == images, "the failed revert left images behind"
+            assert corpus.qs("--json", "list").stdout == listing
+            corpus.qs("recover")
+            assert corpus.vm.status() == "running"
+    finally:
+        corpus.vm.close()
+
+
+def test_failed_memory_load_falls_back(corpus_dir: Path) -> None:
+    """The restarted QEMU starts but cannot load the checkpoint's memory (a truncated file):
+    the same fall-back, and the revert works again once the file is whole."""
+    corpus = _started(corpus_dir)
+    try:
+        corpus.put(P1)
+        memory = corpus_dir / "e1.mem"
+        corpus.qs("create", "e1", "--memory-file", memory)
+        corpus.vm.monitor(lambda m: m.cont())
+        corpus.put(P2)
+        whole = memory.read_bytes()
+        memory.write_bytes(whole[: len(whole) // 2])
+        images = corpus.images()
+        done = corpus.qs("revert", "e1", expect=1)
+        assert_one_line(done.stderr)
+        assert corpus.vm.status() == "running"
+        corpus.expect(P2, "the failed revert")
+        assert corpus.images() == images, "the failed revert left images behind"
+        corpus.qs("recover")
+        memory.write_bytes(whole)
+        corpus.qs("revert", "e1", "--paused")
+        corpus.expect(P1, "revert e1 with its memory file whole again")
+    finally:
+        corpus.vm.close()
+
+
+def test_recovery_gives_up_after_one_failed_fall_back(corpus_dir: Path) -> None:
+    """Neither the new nor the previous command line starts (the binary broke): the revert
+    fails, the VM stays stopped on its previous images, and later commands do not retry it."""
+    corpus = _started(corpus_dir, _wrapper(corpus_dir))
+    try:
+        corpus.put(P1)
+        corpus.qs("create", "d1", "--disk-only")
+        corpus.put(P2)
+        (corpus_dir / "broken").touch()
+        done = corpus.qs("revert", "d1", "--force", expect=1)
+        assert "Could not open backing image" in done.stderr
+        assert "the VM is stopped" in done.stderr and "usual command line" in done.stderr
+        state = corpus_dir / "state"
+        for _ in range(2):  # nothing left to recover: no restart is tried again
+            listed = cli("--json", "list", state=state)
+            assert json.loads(listed.stdout) and not listed.stderr, listed.stderr
+            assert not (corpus_dir / "qmp.sock").exists() or not _answers(corpus_dir / "qmp.sock")
+        (corpus_dir / "broken").unlink()
+        assert not (corpus_dir / "fail-once").exists()
+    finally:
+        corpus.vm.close()
