@@ -704,6 +704,11 @@ class Store:
 
     # --- the per-VM lock ------------------------------------------------------------------
 
+    def remove_vm(self, vm_id: int) -> None:
+        """Forget a VM: its disks, files, snapshots and journal rows go with it."""
+        with self._tx() as db:
+            db.execute("DELETE FROM vms WHERE id=?", (vm_id,))
+
     def lock_path(self, vm_id: int) -> Path:
         return self.directory / "locks" / f"vm-{vm_id}.lock"
 

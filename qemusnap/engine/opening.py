@@ -4,6 +4,7 @@ images for a cold VM), and waiting while another qemusnap operation holds it."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -95,3 +96,26 @@ async def find_or_add_vm(store: Store, disks: Sequence[Disk]) -> VMRecord:
     records = [DiskRecord(d.name, d.file, d.format) for d in writable]
     name = Path(writable[0].file).stem if writable else "vm"
     return store.find_or_add_vm(name, records, files)
+
+
+def forget_if_unused(store: Store, vm_id: int) -> bool:
+    """Drop the record of VM ``vm_id`` (rows and lock file) if nothing came of it: no
+    snapshot, no journal entry, no file qemusnap made, no saved state.  For a record this
+    very command made when it opened the VM; True if it was dropped."""
+    lock = VMLock(store.lock_path(vm_id), "forget")
+    if not lock.try_acquire():
+        return False  # another process works on it after all
+    try:
+        if (
+            store.snapshots(vm_id)
+            or store.journal(vm_id)
+            or store.owned_files(vm_id)
+            or store.vm(vm_id).saved
+        ):
+            return False
+        store.remove_vm(vm_id)
+        with contextlib.suppress(OSError):
+            store.lock_path(vm_id).unlink()
+        return True
+    finally:
+        lock.release()

@@ -16,7 +16,7 @@ from typing import Any, Literal
 from .. import agent as agent_mod
 from ..aio import deadline
 from ..discover import Difference
-from ..errors import ImageInUseError, OperationError, UnsupportedError
+from ..errors import ImageInUseError, OperationError, QemuSnapError, UnsupportedError
 from ..machine import Machine, MachineConfig, RecordedLaunch
 from ..memory import MemoryFiles, Progress
 from ..models import Chain, CheckResult, Disk, Snapshot, VMState
@@ -27,7 +27,13 @@ from ..tree import SnapshotTree
 from . import clone, create, delete, journal, resets, revert, save_restore, shared
 from . import rebuild as rebuild_room
 from .context import DEFAULT_TIMEOUT, LOCK_TIMEOUT, Context, RelaunchHook, log
-from .opening import cold_record, find_or_add_vm, refuse_throwaway_overlays, wait_until_free
+from .opening import (
+    cold_record,
+    find_or_add_vm,
+    forget_if_unused,
+    refuse_throwaway_overlays,
+    wait_until_free,
+)
 
 
 class VM:
@@ -59,6 +65,8 @@ class VM:
             # (qemu_img.ImageCache): with 1,000 snapshots one ``qemu-img info`` costs 0.2 s.
             qemu_img=qemu_img or QemuImg(cache=store),
         )
+        #: Whether opening this VM recorded it in the state directory for the first time.
+        self.new_record = False
 
     # The context's parts, as attributes of the VM (a restart replaces monitor and machine).
 
@@ -180,6 +188,7 @@ class VM:
             raise
         store = Store(state_dir)
         try:
+            known = {v.id for v in store.vms()}
             record = await find_or_add_vm(store, disks)
             store.set_vm_info(
                 record.id, qmp_socket=qmp if isinstance(qmp, str) else None, launch=launch
@@ -192,6 +201,7 @@ class VM:
                 qga_socket=qga_socket,
                 relaunch_hook=relaunch_hook,
             )
+            vm.new_record = record.id not in known
         except BaseException:
             store.close()
             if monitor is not qmp:
@@ -246,11 +256,13 @@ class VM:
         """
         store = Store(state_dir)
         try:
+            known = {v.id for v in store.vms()}
             record = await asyncio.wait_for(cold_record(store, disks), timeout)
         except BaseException:
             store.close()
             raise
         vm = cls(store, record, relaunch_hook=relaunch_hook)
+        vm.new_record = record.id not in known
         if discover:
             await vm._first_contact()
         return vm
@@ -278,7 +290,11 @@ class VM:
     async def __aenter__(self) -> VM:
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: object, exc: object, tb: object) -> None:
+        if isinstance(exc, QemuSnapError) and self.new_record:
+            # A refused (or failed and rolled back) first command leaves the state
+            # directory as it was.
+            self.new_record = not forget_if_unused(self.store, self.record.id)
         await asyncio.shield(self.close())
 
     @property
