@@ -24,11 +24,11 @@ CRASH_POINTS: dict[str, tuple[str, ...]] = {
         "cut",
         "memory-written",
     ),
-    "revert": ("journaled", "overlays-made", "stopped", "started", "loaded"),
+    "revert": ("journaled", "overlays-made", "stopped", "spawned", "started", "loaded"),
     "delete-internal": ("journaled", "tags-deleted"),
     "delete-external": ("journaled", "step-done"),
     "save": ("journaled", "written", "stopped"),
-    "restore": ("journaled", "started"),
+    "restore": ("journaled", "spawned", "started"),
     "rebuild": ("journaled", "scanned", "half-recorded", "committed"),
 }
 

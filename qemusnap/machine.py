@@ -27,7 +27,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -540,6 +540,7 @@ async def relaunch(
     incoming: bool = False,
     log_file: Path | None = None,
     timeout: float = 30.0,
+    spawned: Callable[[int], None] | None = None,
 ) -> tuple[subprocess.Popen[bytes], Monitor]:
     """Start QEMU from a recorded command line (paused) and connect to its QMP socket path.
 
@@ -552,6 +553,8 @@ async def relaunch(
     if launch.owner is not None:
         user = (launch.owner[0], launch.owner[1], launch.groups)
     process = spawn(argv, log_file=log_file, cwd=launch.cwd, user=user)
+    if spawned is not None:
+        spawned(process.pid)
     deadline = time.monotonic() + timeout
     last_error: Exception | None = None
     while time.monotonic() < deadline:

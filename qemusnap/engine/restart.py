@@ -86,7 +86,16 @@ async def prepare_restart(
     log_file = ctx.store.memory_dir(ctx.record.id).parent / "qemu.log"
 
     async def by_command_line(incoming: bool, journal: Any) -> None:
-        _, ctx.monitor = await relaunch(launch, incoming=incoming, log_file=log_file)
+        def spawned(pid: int) -> None:
+            # Recovery must find this QEMU even before it listens on its QMP socket, or it
+            # would start a second one on the same images and socket path.
+            if journal is not None:
+                journal.update(spawned=pid)
+                journal.passed("spawned")
+
+        _, ctx.monitor = await relaunch(
+            launch, incoming=incoming, log_file=log_file, spawned=spawned
+        )
         ctx.store.set_vm_info(ctx.record.id, launch=launch.to_json())
 
     return by_command_line
