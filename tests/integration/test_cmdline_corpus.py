@@ -14,6 +14,7 @@ read-only media must stay attached, on their original files, after every restart
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -520,3 +521,102 @@ def test_recovery_gives_up_after_one_failed_fall_back(corpus_dir: Path) -> None:
         assert not (corpus_dir / "fail-once").exists()
     finally:
         corpus.vm.close()
+
+
+# --- the raw style with a booted guest ---------------------------------------------------------
+
+
+def _guest_sh(sock: Path, script: str) -> str:
+    """Run ``script`` in the guest (busybox sh, through qemu-guest-agent), return its stdout."""
+    from qemusnap.agent import GuestAgent
+
+    async def run() -> str:
+        async with GuestAgent(str(sock), timeout=60) as agent:
+            done = await agent.exec("/bin/sh", ["-c", script], timeout=120)
+        assert done.exitcode == 0, done
+        return done.stdout.decode()
+
+    return asyncio.run(run())
+
+
+def _wait_ready(serial: Path, after: int, timeout: float = 180.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while b"qemusnap-guest ready" not in (serial.read_bytes() if serial.exists() else b"")[after:]:
+        assert time.monotonic() < deadline, "the test guest did not boot"
+        time.sleep(0.1)
+
+
+@pytest.mark.guest
+def test_raw_drive_with_a_booted_guest(corpus_dir: Path) -> None:
+    """Yocto's ``-drive file=rootfs,if=virtio,format=raw``, with the test guest booted (its
+    init puts an ext2 filesystem on /dev/vda and mounts it): the guest writes its pattern into
+    a file there itself, and reads it back, its page cache dropped, after a checkpoint revert
+    (its RAM restored) and after a disk-only revert (a fresh boot, the filesystem mounted again
+    from the reverted disk).  Through an overlay opened as raw the guest would find no
+    filesystem at all."""
+    from conftest import GUEST_DIR
+
+    serial, qga = corpus_dir / "serial.log", corpus_dir / "qga.sock"
+    rootfs = raw(corpus_dir, "rootfs")
+    config = MachineConfig(
+        accel="tcg",
+        memory_mib=256,
+        machine_type="pc",
+        qmp_socket=str(corpus_dir / "qmp.sock"),
+        kernel=str(GUEST_DIR / "vmlinuz"),
+        initrd=str(GUEST_DIR / "initrd.img"),
+        append="console=ttyS0 quiet panic=-1",
+        serial_log=str(serial),
+        qga_socket=str(qga),
+        extra_args=("-drive", f"file={e(rootfs)},if=virtio,format=raw"),
+    )
+
+    def write(pattern: int) -> None:
+        # 64 KiB of one byte (tr over /dev/zero), synced to the disk.
+        _guest_sh(
+            qga,
+            f"head -c {LENGTH} /dev/zero | tr '\\000' '\\{pattern:03o}' > /mnt/vda/p && sync",
+        )
+
+    def read() -> str:
+        """ "0x11" if the guest reads 64 KiB of 0x11 from /dev/vda (its page cache dropped),
+        else the md5 and the first bytes it reads."""
+        out = _guest_sh(
+            qga,
+            "echo 3 > /proc/sys/vm/drop_caches;"
+            " md5sum /mnt/vda/p; head -c 16 /mnt/vda/p | od -An -tx1",
+        )
+        lines = out.splitlines()
+        if len(lines) != 2:  # no such file: the guest found no filesystem on its disk
+            return f"unreadable: {out!r}"
+        digest, first = lines[0].split()[0], lines[1].split()
+        if (
+            len(set(first)) == 1
+            and digest == hashlib.md5(bytes.fromhex(first[0]) * LENGTH).hexdigest()
+        ):
+            return f"0x{first[0]}"
+        return f"md5 {digest}, starts {' '.join(first)}"
+
+    with ForeignVM(config, corpus_dir / "qemu.log") as vm:
+        state = corpus_dir / "state"
+        _wait_ready(serial, 0)
+        write(P1)
+        assert read() == "0x11"
+        cli("--qmp", vm.qmp, "create", "e1", "--memory-file", corpus_dir / "e1.mem", state=state)
+        write(P2)
+        cli("--qmp", vm.qmp, "create", "d1", "--disk-only", state=state)
+        write(P3)
+        assert read() == "0x33"
+        cli("--qmp", vm.qmp, "revert", "e1", state=state)
+        assert read() == "0x11", "the guest reads the overlay, not its disk, after revert e1"
+        booted = serial.stat().st_size
+        cli("--qmp", vm.qmp, "revert", "d1", "--force", state=state)
+        _wait_ready(serial, booted)
+        assert read() == "0x22", "after revert d1 (a fresh boot on the reverted disk)"
+        write(P4)
+        assert read() == "0x44"
+        for snap in ("d1", "e1"):
+            cli("--qmp", vm.qmp, "delete", snap, state=state)
+        assert read() == "0x44"
