@@ -478,6 +478,38 @@ _DROP_FLAGS = {"-S"}
 _DROP_WITH_VALUE = {"-incoming", "-loadvm"}
 
 
+def _split_opts(value: str) -> list[str]:
+    """Split QEMU option syntax on single commas, each part kept escaped (",," stays): for
+    callers that put the parts back together as they were (clone_argv).  The parsing proper
+    is :mod:`qemusnap.cmdline`."""
+    parts, current, i = [], "", 0
+    while i < len(value):
+        if value[i] == ",":
+            if value[i + 1 : i + 2] == ",":
+                current += ",,"
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += value[i]
+        i += 1
+    parts.append(current)
+    return parts
+
+
+def _opts_dict(value: str) -> dict[str, str]:
+    """``socket,id=x,fd=3`` -> {"": "socket", "id": "x", "fd": "3"} (values kept escaped)."""
+    out: dict[str, str] = {}
+    for part in _split_opts(value):
+        key, sep, val = part.partition("=")
+        if sep:
+            out[key] = val
+        else:
+            out[""] = key
+    return out
+
+
 def replace_disk_paths(argv: Sequence[str], replace: Mapping[str, str], cwd: str) -> list[str]:
     """Point every image argument of ``argv`` found in ``replace`` (absolute paths) elsewhere,
     opened as the qcow2 image qemusnap made there (see :mod:`qemusnap.cmdline`).  Relative
