@@ -43,7 +43,8 @@ def test_foreign_command_line_gets_its_own_sockets_logs_and_disks() -> None:
         "none",
     ]
     out = clone_argv(argv, "/vm", directory="/c", disks=DISKS)
-    assert _value(out.argv, "-drive") == "file=/c/vda.qcow2,if=virtio"
+    # The clone's overlay is qcow2: the rewrite says so (qemusnap.cmdline), QEMU need not probe.
+    assert _value(out.argv, "-drive") == "file=/c/vda.qcow2,if=virtio,format=qcow2"
     assert _value(out.argv, "-qmp") == "unix:/c/qmp.sock,server=on,wait=off"
     assert out.qmp_socket == "/c/qmp.sock"
     assert _value(out.argv, "-monitor") == "unix:/c/monitor.sock,server=on,wait=off"
