@@ -33,7 +33,8 @@ Progress = Callable[[int, int], None]
 UNLIMITED_BANDWIDTH = 1 << 40
 FD_NAME = "qemusnap-memory"
 POLL_INTERVAL = 0.02
-ARMED_POLL_INTERVAL = 0.001
+#: Between the polls for the armed write tracking: none (see Saver._run_resuming).
+ARMED_POLL_INTERVAL = 0.0
 
 
 class _Handover(Protocol):
@@ -246,13 +247,36 @@ class Saver:
         guest would stay paused for the whole RAM write.  Once ``query-migrate`` counts RAM
         pages the bottom half is queued before anything we send next, so a ``cont`` then
         keeps "disks and RAM at one instant" and loses nothing.  Where QEMU already resumed the
-        guest (7.2) the run state says "running" and nothing is sent."""
+        guest (7.2) its ``RESUME`` event came first and nothing is sent."""
         monitor = self._monitor
-        await monitor.execute("migrate", _migrate_args(self.mechanism, self._uri))
         what = f"writing {self._path}"
         if resume_when_armed:
-            # Polled tightly: every millisecond here is guest pause (the setup phase takes
-            # milliseconds, until the first RAM pages are counted).
+            await self._run_resuming(what, timeout=timeout, progress=progress)
+        else:
+            await monitor.execute("migrate", _migrate_args(self.mechanism, self._uri))
+        await _wait_migration(monitor, what, timeout=timeout, progress=progress)
+        # QEMU wrote everything through its own copy of the descriptor: make it durable.
+        await asyncio.to_thread(os.fsync, self._fd)
+
+    async def _run_resuming(self, what: str, *, timeout: float, progress: Progress | None) -> None:
+        """``migrate``, then ``cont`` as soon as the write tracking is armed, unless QEMU
+        resumed the guest itself.
+
+        Every step here is guest pause, and on a loaded host each QMP round trip costs
+        milliseconds, so there are as few as possible (measured in docs/versions.md):
+
+        - the ``query-migrate`` polls go back to back (no sleep between them): most of the
+          time one is queued inside QEMU behind the big lock the migration thread holds, and
+          it is answered right after the bottom half has run;
+        - no ``query-status`` before the ``cont``: whether QEMU resumed the guest itself
+          (7.2's ``vm_start()`` in the bottom half) is known from its ``RESUME`` event, which
+          QEMU emits before the reply to any later command (events and replies share the
+          QMP stream, in order).  A ``cont`` sent to a running guest anyway would be harmless
+          (``vm_prepare_start``: no state change, only a STOP/RESUME event pair).
+        """
+        monitor = self._monitor
+        async with monitor.listen("RESUME") as resumed:
+            await monitor.execute("migrate", _migrate_args(self.mechanism, self._uri))
             await _wait_migration(
                 monitor,
                 what,
@@ -261,11 +285,8 @@ class Saver:
                 until=_ram_flowing,
                 interval=ARMED_POLL_INTERVAL,
             )
-            if (await monitor.query_status()).status == "paused":
+            if not resumed.drain():
                 await monitor.cont()
-        await _wait_migration(monitor, what, timeout=timeout, progress=progress)
-        # QEMU wrote everything through its own copy of the descriptor: make it durable.
-        await asyncio.to_thread(os.fsync, self._fd)
 
 
 def _ram_flowing(info: dict[str, Any]) -> bool:
