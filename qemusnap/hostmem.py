@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import fcntl
 import logging
 import os
 from collections.abc import Iterator
@@ -33,6 +34,7 @@ log = logging.getLogger("qemusnap.hostmem")
 #: The huge page size ``MachineConfig.hugepages`` uses.
 HUGE_PAGE_MIB = 2
 _HUGE_PAGES = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE_MIB * 1024}kB")
+_RESERVATION_LOCK = "/dev/shm/qemusnap-hugepages.lock"
 
 _SYS_PROCESS_MADVISE = 440  # x86_64, aarch64 (asm-generic)
 _MADV_COLLAPSE = 25
@@ -104,19 +106,25 @@ def huge_pages_free(count: int) -> Iterator[None]:
     """At least ``count`` 2 MiB huge pages free for the block (for tests and benchmarks): raises
     ``vm.nr_hugepages`` if needed (root only) and gives back what it added afterwards.
 
+    One block at a time on the machine: an flock on ``/dev/shm/qemusnap-hugepages.lock`` (which
+    the matrix chroots share), since two processes that each saw enough free pages would
+    otherwise both start a QEMU on the same ones.
+
     :raise PermissionError: not enough free and not allowed to reserve more.
     :raise MemoryError: the kernel could not find that much contiguous memory.
     """
-    short = count - free_huge_pages()
-    if short <= 0:
-        yield
-        return
-    total = _HUGE_PAGES / "nr_hugepages"
-    before = int(total.read_text())
-    total.write_text(str(before + short))
-    try:
-        if free_huge_pages() < count:
-            raise MemoryError(f"the kernel reserved fewer than {count} free huge pages")
-        yield
-    finally:
-        total.write_text(str(before))
+    with open(_RESERVATION_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        short = count - free_huge_pages()
+        if short <= 0:
+            yield
+            return
+        total = _HUGE_PAGES / "nr_hugepages"
+        before = int(total.read_text())
+        total.write_text(str(before + short))
+        try:
+            if free_huge_pages() < count:
+                raise MemoryError(f"the kernel reserved fewer than {count} free huge pages")
+            yield
+        finally:
+            total.write_text(str(before))

@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import time
 from pathlib import Path
@@ -152,18 +153,26 @@ def test_two_clones_continue_from_the_checkpoint_and_keep_their_writes(short_tmp
         _kill_leftovers(short_tmp)
 
 
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
 @pytest.mark.parametrize("live", [(), ("--live",)], ids=["checkpoint", "live-checkpoint"])
 def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[str, ...]) -> None:
     """``qemusnap clone NAME --to DIR --json`` on a QEMU someone else started, from an
     external checkpoint or a live one: a hostfwd port is refused in one line, mapped it works;
     the clone answers on DIR/qmp.sock."""
     (disk,) = make_disks(short_tmp, ["vda"])
+    port = _free_port()  # a fixed port would collide with a parallel run of this test
     config = firmware_config(
         [disk],
         qmp_socket=str(short_tmp / "src.sock"),
         serial_log=str(short_tmp / "serial.log"),
         extra_args=("-netdev", "user,id=n0,hostfwd=tcp:127.0.0.1:0-:22",
-                    "-netdev", "user,id=n1,hostfwd=tcp:127.0.0.1:47123-:22",
+                    "-netdev", f"user,id=n1,hostfwd=tcp:127.0.0.1:{port}-:22",
                     "-device", "virtio-net-pci,netdev=n0", "-device", "virtio-net-pci,netdev=n1"),
     )  # fmt: skip
     state = short_tmp / "state"
@@ -173,7 +182,7 @@ def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[
                 *live, state=state)  # fmt: skip
             refused = cli("--qmp", source.qmp, "clone", "cp", "--to", short_tmp / "c",
                           state=state, expect=2)  # fmt: skip
-            assert "hostfwd=tcp:127.0.0.1:47123-:22" in refused.stderr
+            assert f"hostfwd=tcp:127.0.0.1:{port}-:22" in refused.stderr
             assert "--net n1=" in refused.stderr
             assert not (short_tmp / "c").exists()
             # A mapping QEMU rejects: the clone's QEMU exits at start; everything made for the
