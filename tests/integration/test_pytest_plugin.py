@@ -76,6 +76,10 @@ TESTS = """
 """
 
 
+# pytest-asyncio (a dev extra) warns in every inner run whose ini does not set its loop scope.
+_LOOP_SCOPE = ("-o", "asyncio_default_fixture_loop_scope=function")
+
+
 @pytest.mark.qemu_system
 @pytest.mark.guest
 def test_each_test_starts_from_the_golden_snapshot(pytester: pytest.Pytester) -> None:
@@ -114,7 +118,7 @@ def test_missing_kernel_is_a_clear_error(pytester: pytest.Pytester) -> None:
             pass
         """
     )
-    result = pytester.runpytest()
+    result = pytester.runpytest(*_LOOP_SCOPE)
     result.assert_outcomes(errors=2)
     message = (
         f"qemusnap: kernel file {pytester.path}/missing/vmlinuz does not exist"
@@ -123,7 +127,7 @@ def test_missing_kernel_is_a_clear_error(pytester: pytest.Pytester) -> None:
     result.stdout.fnmatch_lines([HEADER, message, message])
     result.stdout.no_fnmatch_line("*Traceback*")
     # -q hides the header; the reset line comes after collection then.
-    result = pytester.runpytest("-q")
+    result = pytester.runpytest(*_LOOP_SCOPE, "-q")
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines([HEADER, message])
 
@@ -135,7 +139,7 @@ def test_missing_qemu_names_what_to_install(
     (pytester.path / "vmlinuz").write_bytes(b"")
     pytester.makeini("[pytest]\nqemusnap_kernel = vmlinuz\n")
     pytester.makepyfile("def test_one(qemusnap_fresh):\n    pass\n")
-    result = pytester.runpytest()
+    result = pytester.runpytest(*_LOOP_SCOPE)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
@@ -157,7 +161,7 @@ def test_user_config_fixture_overrides_the_ini(pytester: pytest.Pytester) -> Non
         """
     )
     pytester.makepyfile("def test_one(qemusnap_fresh):\n    pass\n")
-    result = pytester.runpytest()
+    result = pytester.runpytest(*_LOOP_SCOPE)
     result.assert_outcomes(errors=1)
     result.stdout.fnmatch_lines(
         [
@@ -179,9 +183,9 @@ def test_nothing_to_boot_and_off_unless_used(pytester: pytest.Pytester) -> None:
             pass
         """
     )
-    result = pytester.runpytest("-k", "plain")
+    result = pytester.runpytest(*_LOOP_SCOPE, "-k", "plain")
     result.assert_outcomes(passed=1, deselected=1)
     result.stdout.no_fnmatch_line("qemusnap: *")
-    result = pytester.runpytest()
+    result = pytester.runpytest(*_LOOP_SCOPE)
     result.assert_outcomes(passed=1, errors=1)
     result.stdout.fnmatch_lines(["qemusnap: nothing to boot: set the ini option qemusnap_kernel*"])
