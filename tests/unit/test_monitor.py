@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 import pytest
-from fake_qmp import Error, FakeQMPServer, Reply, run, short_tempdir
+from fake_qmp import Error, FakeQMPServer, Reply, short_tempdir
 
 from qemusnap.errors import (
     CommandError,
@@ -80,8 +80,9 @@ class FakeJobs:
         return start
 
 
-def test_connect_sends_qmp_capabilities_first() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_connect_sends_qmp_capabilities_first() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeQMPServer({"query-status": {"status": "running", "running": True}}) as server,
             await Monitor.connect(server.path) as mon,
@@ -93,11 +94,10 @@ def test_connect_sends_qmp_capabilities_first() -> None:
             assert mon.connected
         assert not mon.connected
 
-    run(main())
 
-
-def test_fake_server_insists_on_qmp_capabilities_first() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_fake_server_insists_on_qmp_capabilities_first() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer({"query-status": {}}) as server:
             reader, writer = await asyncio.open_unix_connection(server.path)
             try:
@@ -110,11 +110,10 @@ def test_fake_server_insists_on_qmp_capabilities_first() -> None:
                 writer.close()
                 await writer.wait_closed()
 
-    run(main())
 
-
-def test_command_error_carries_class_and_description() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_command_error_carries_class_and_description() -> None:
+    async with asyncio.timeout(20):
         script = {"block_resize": Error("DeviceNotFound", "Device 'nope' not found")}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             with pytest.raises(CommandError) as info:
@@ -127,11 +126,10 @@ def test_command_error_carries_class_and_description() -> None:
             with pytest.raises(CommandError, match="CommandNotFound"):
                 await mon.execute("no-such-command")
 
-    run(main())
 
-
-def test_timeout_raises_operation_timeout_and_connection_stays_usable() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_timeout_raises_operation_timeout_and_connection_stays_usable() -> None:
+    async with asyncio.timeout(20):
         script = {"slow": Reply("late", delay=0.4), "fast": "ok"}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             started = time.monotonic()
@@ -143,11 +141,10 @@ def test_timeout_raises_operation_timeout_and_connection_stays_usable() -> None:
             # the late reply to "slow" is dropped; the next command gets its own reply
             assert await mon.execute("fast") == "ok"
 
-    run(main())
 
-
-def test_cancellation_propagates_unwrapped() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_cancellation_propagates_unwrapped() -> None:
+    async with asyncio.timeout(20):
         script = {"hang": Reply(no_reply=True), "fast": "ok"}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             task = asyncio.create_task(mon.execute("hang"))
@@ -157,11 +154,10 @@ def test_cancellation_propagates_unwrapped() -> None:
                 await task
             assert await mon.execute("fast") == "ok"
 
-    run(main())
 
-
-def test_outer_timeout_is_not_mistaken_for_ours() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_outer_timeout_is_not_mistaken_for_ours() -> None:
+    async with asyncio.timeout(20):
         script = {"hang": Reply(no_reply=True)}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             with pytest.raises(TimeoutError) as info:
@@ -169,11 +165,10 @@ def test_outer_timeout_is_not_mistaken_for_ours() -> None:
                     await mon.execute("hang", timeout=10)
             assert not isinstance(info.value, OperationTimeout)  # asyncio's own, not wrapped
 
-    run(main())
 
-
-def test_connection_closed_mid_command() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_connection_closed_mid_command() -> None:
+    async with asyncio.timeout(20):
         script = {"query-status": Reply(hang_up=True)}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             with pytest.raises(MonitorError) as info:
@@ -186,22 +181,20 @@ def test_connection_closed_mid_command() -> None:
             assert not mon.connected
         await mon.close()  # idempotent, swallows the EOF
 
-    run(main())
 
-
-def test_execute_after_close() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_execute_after_close() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer() as server:
             mon = await Monitor.connect(server.path)
             await mon.close()
             with pytest.raises(MonitorError, match="closed"):
                 await mon.execute("query-status")
 
-    run(main())
 
-
-def test_listener_registered_before_command_sees_fast_event() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_listener_registered_before_command_sees_fast_event() -> None:
+    async with asyncio.timeout(20):
         # QEMU emits RESUME before its reply to cont.
         script = {
             "cont": Reply({}, before=(("RESUME", {}),)),
@@ -226,11 +219,10 @@ def test_listener_registered_before_command_sees_fast_event() -> None:
             with pytest.raises(MonitorError, match="closed"):
                 await waiter.wait(timeout=1)
 
-    run(main())
 
-
-def test_waiter_keeps_unmatched_events_and_times_out() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_waiter_keeps_unmatched_events_and_times_out() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeQMPServer() as server,
             await Monitor.connect(server.path) as mon,
@@ -248,11 +240,10 @@ def test_waiter_keeps_unmatched_events_and_times_out() -> None:
             assert time.monotonic() - started < 0.5
             assert [e["data"]["n"] for e in waiter.drain()] == [1]
 
-    run(main())
 
-
-def test_waiter_wakes_up_when_qemu_hangs_up() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_waiter_wakes_up_when_qemu_hangs_up() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeQMPServer() as server,
             await Monitor.connect(server.path) as mon,
@@ -264,14 +255,13 @@ def test_waiter_wakes_up_when_qemu_hangs_up() -> None:
                 await waiter.wait(timeout=5)
             assert time.monotonic() - started < 1
 
-    run(main())
-
 
 # --- jobs -------------------------------------------------------------------------------------
 
 
-def test_job_success_is_dismissed() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_job_success_is_dismissed() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**{"snapshot-save": jobs.snapshot_job()})
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -281,11 +271,10 @@ def test_job_success_is_dismissed() -> None:
             assert server.args("job-dismiss") == [{"id": "save-1"}]
             assert jobs.jobs == {}
 
-    run(main())
 
-
-def test_job_concluded_with_error_raises_job_error_and_is_dismissed() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_job_concluded_with_error_raises_job_error_and_is_dismissed() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         error = "Snapshot 's1' already exists in one or more devices"
         script = jobs.script(**{"snapshot-save": jobs.snapshot_job(error)})
@@ -296,11 +285,10 @@ def test_job_concluded_with_error_raises_job_error_and_is_dismissed() -> None:
             assert "job-cancel" not in server.names
             assert jobs.jobs == {}
 
-    run(main())
 
-
-def test_job_refused_is_not_cancelled() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_job_refused_is_not_cancelled() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         jobs.jobs["j"] = {"status": "running"}  # someone else's job with the same id
         script = jobs.script(
@@ -312,11 +300,10 @@ def test_job_refused_is_not_cancelled() -> None:
             assert "job-cancel" not in server.names
             assert "job-dismiss" not in server.names
 
-    run(main())
 
-
-def test_job_timeout_cancels_and_dismisses() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_job_timeout_cancels_and_dismisses() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**{"snapshot-save": jobs.snapshot_job(finish=False)})
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -328,11 +315,10 @@ def test_job_timeout_cancels_and_dismisses() -> None:
             assert server.args("job-dismiss") == [{"id": "j"}]
             assert jobs.jobs == {}
 
-    run(main())
 
-
-def test_job_cancellation_cancels_and_dismisses() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_job_cancellation_cancels_and_dismisses() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**{"snapshot-load": jobs.snapshot_job(finish=False)})
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -345,8 +331,6 @@ def test_job_cancellation_cancels_and_dismisses() -> None:
                 await task
             assert server.args("job-cancel") == [{"id": "j"}]
             assert server.args("job-dismiss") == [{"id": "j"}]
-
-    run(main())
 
 
 def block_commit(jobs: FakeJobs, *, ready: bool = True, error: str | None = None) -> Any:
@@ -384,8 +368,9 @@ def block_commit(jobs: FakeJobs, *, ready: bool = True, error: str | None = None
     return {"block-commit": start, "block-stream": start, "job-complete": complete}
 
 
-def test_block_job_ready_then_completed() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_block_job_ready_then_completed() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**block_commit(jobs))
         seen: list[tuple[int, int]] = []
@@ -402,11 +387,10 @@ def test_block_job_ready_then_completed() -> None:
             assert "block-job-cancel" not in server.names
             assert seen[-1] == (100, 100)
 
-    run(main())
 
-
-def test_block_job_completed_with_error() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_block_job_completed_with_error() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**block_commit(jobs, ready=False, error="No space left on device"))
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -414,11 +398,10 @@ def test_block_job_completed_with_error() -> None:
                 await mon.run_block_job("block-stream", {"device": "vda"}, job_id="s", timeout=5)
             assert "job-complete" not in server.names
 
-    run(main())
 
-
-def test_block_job_manual_dismiss() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_block_job_manual_dismiss() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**block_commit(jobs))
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -427,11 +410,10 @@ def test_block_job_manual_dismiss() -> None:
             assert server.names[-1] == "job-dismiss"
             assert jobs.jobs == {}
 
-    run(main())
 
-
-def test_block_job_timeout_cancels() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_block_job_timeout_cancels() -> None:
+    async with asyncio.timeout(20):
         jobs = FakeJobs()
         script = jobs.script(**block_commit(jobs))
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
@@ -443,14 +425,13 @@ def test_block_job_timeout_cancels() -> None:
             assert server.args("block-job-cancel") == [{"device": "c", "force": True}]
             assert "job-complete" not in server.names
 
-    run(main())
-
 
 # --- fd passing -------------------------------------------------------------------------------
 
 
-def test_send_fd_passes_the_descriptor() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_send_fd_passes_the_descriptor() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer() as server, await Monitor.connect(server.path) as mon:
             with tempfile.TemporaryFile() as one, tempfile.TemporaryFile() as two:
                 await asyncio.gather(
@@ -461,16 +442,13 @@ def test_send_fd_passes_the_descriptor() -> None:
                 await mon.close_fd("mem-1")
             assert "mem-1" not in server.fds
 
-    run(main())
 
-
-def test_send_fd_refused_without_scm_rights_is_command_error() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_send_fd_refused_without_scm_rights_is_command_error() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer() as server, await Monitor.connect(server.path) as mon:
             with pytest.raises(CommandError, match="SCM_RIGHTS"):
                 await mon.execute("getfd", {"fdname": "x"})
-
-    run(main())
 
 
 # --- typed helpers ----------------------------------------------------------------------------
@@ -538,8 +516,9 @@ QUERY_BLOCK = [
 ]
 
 
-def test_disks_naming_rules() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_disks_naming_rules() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeQMPServer({"query-block": QUERY_BLOCK}) as server,
             await Monitor.connect(server.path) as mon,
@@ -557,17 +536,16 @@ def test_disks_naming_rules() -> None:
         assert disks[1].read_only and disks[1].format == "raw"
         assert disks[3].file == "/vm/n.qcow2"
 
-    run(main())
 
-
-def test_qemu_io_resolves_device_id_and_reports_errors() -> None:
+@pytest.mark.asyncio
+async def test_qemu_io_resolves_device_id_and_reports_errors() -> None:
     def hmp(server: FakeQMPServer, args: dict[str, Any]) -> str:
         line = args["command-line"]
         if "nosuch" in line:
             return "Error: Device 'nosuch' not found\r\n"
         return ""
 
-    async def main() -> None:
+    async with asyncio.timeout(20):
         script = {"query-block": QUERY_BLOCK, "human-monitor-command": hmp}
         async with FakeQMPServer(script) as server, await Monitor.connect(server.path) as mon:
             assert await mon.qemu_io("vda", 'write -P 0x11 0 1M "x"') == ""
@@ -578,10 +556,9 @@ def test_qemu_io_resolves_device_id_and_reports_errors() -> None:
             with pytest.raises(MonitorError, match="Device 'nosuch' not found"):
                 await mon.qemu_io("nosuch", "read 0 1M")
 
-    run(main())
 
-
-def test_wait_status_not_polls_until_state_changes() -> None:
+@pytest.mark.asyncio
+async def test_wait_status_not_polls_until_state_changes() -> None:
     states = iter(["finish-migrate", "finish-migrate", "postmigrate"])
 
     def status(server: FakeQMPServer, args: dict[str, Any]) -> Any:
@@ -590,7 +567,7 @@ def test_wait_status_not_polls_until_state_changes() -> None:
             return Reply(no_reply=True)  # later polls hang: the deadline must still hold
         return {"status": state, "running": False}
 
-    async def main() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeQMPServer({"query-status": status}) as server,
             await Monitor.connect(server.path) as mon,
@@ -601,22 +578,20 @@ def test_wait_status_not_polls_until_state_changes() -> None:
             with pytest.raises(OperationTimeout, match="leaving run state 'paused'"):
                 await mon.wait_status_not("paused", 0.1)
 
-    run(main())
 
-
-def test_quit_tolerates_the_disconnect() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_quit_tolerates_the_disconnect() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer({"quit": Reply(hang_up=True)}) as server:
             mon = await Monitor.connect(server.path)
             await mon.quit()
             assert not mon.connected
             assert server.names[-1] == "quit"
 
-    run(main())
 
-
-def test_stop_cont_and_queries() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_stop_cont_and_queries() -> None:
+    async with asyncio.timeout(20):
         script = {
             "stop": {},
             "cont": {},
@@ -632,32 +607,29 @@ def test_stop_cont_and_queries() -> None:
             assert server.args("query-named-block-nodes") == [{"flat": True}]
             assert await mon.human_monitor_command("info status") == "info\r\n"
 
-    run(main())
-
 
 # --- connecting -------------------------------------------------------------------------------
 
 
-def test_not_a_qmp_server() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_not_a_qmp_server() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer(greeting=b"SSH-2.0-OpenSSH_9.2\r\n") as server:
             with pytest.raises(MonitorConnectError, match="not a QMP server"):
                 await Monitor.connect(server.path)
 
-    run(main())
 
-
-def test_wrong_json_greeting() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_wrong_json_greeting() -> None:
+    async with asyncio.timeout(20):
         async with FakeQMPServer(greeting={"hello": "world"}) as server:
             with pytest.raises(MonitorConnectError, match="not a QMP server"):
                 await Monitor.connect(server.path)
 
-    run(main())
 
-
-def test_silent_server_times_out_as_connect_error() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_silent_server_times_out_as_connect_error() -> None:
+    async with asyncio.timeout(20):
         directory = short_tempdir()
         path = os.path.join(directory, "s")
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -673,11 +645,10 @@ def test_silent_server_times_out_as_connect_error() -> None:
             os.unlink(path)
             os.rmdir(directory)
 
-    run(main())
 
-
-def test_nothing_listening() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_nothing_listening() -> None:
+    async with asyncio.timeout(20):
         directory = short_tempdir()
         try:
             with pytest.raises(MonitorConnectError, match="No such file"):
@@ -693,11 +664,10 @@ def test_nothing_listening() -> None:
                 os.unlink(os.path.join(directory, name))
             os.rmdir(directory)
 
-    run(main())
 
-
-def test_connect_over_socketpair() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_connect_over_socketpair() -> None:
+    async with asyncio.timeout(20):
         ours, theirs = socket.socketpair()
         async with FakeQMPServer({"query-status": {"status": "paused", "running": False}}) as srv:
             srv.attach(theirs)
@@ -706,8 +676,6 @@ def test_connect_over_socketpair() -> None:
                 # SO_PEERCRED of a socketpair names its creator (us), not QEMU
                 assert mon.peer_pid() is None
             assert ours.fileno() == -1  # the Monitor owned and closed it
-
-    run(main())
 
 
 PEER_SERVER = textwrap.dedent(
@@ -736,7 +704,8 @@ PEER_SERVER = textwrap.dedent(
 )
 
 
-def test_peer_credentials_of_a_path_connection() -> None:
+@pytest.mark.asyncio
+async def test_peer_credentials_of_a_path_connection() -> None:
     directory = short_tempdir()
     path = os.path.join(directory, "qmp.sock")
     proc = subprocess.Popen(
@@ -752,7 +721,8 @@ def test_peer_credentials_of_a_path_connection() -> None:
     try:
         assert proc.stdout is not None
         assert proc.stdout.readline().strip() == "ready"
-        run(main())
+        async with asyncio.timeout(20):
+            await main()
         proc.wait(5)
     finally:
         if proc.poll() is None:
