@@ -9,7 +9,7 @@ import time
 from typing import Any
 
 import pytest
-from fake_qmp import Error, FakeGuestAgent, Reply, run, short_tempdir
+from fake_qmp import Error, FakeGuestAgent, Reply, short_tempdir
 
 from qemusnap.agent import ExecResult, GuestAgent, frozen
 from qemusnap.errors import GuestAgentError, OperationTimeout
@@ -19,8 +19,9 @@ from qemusnap.errors import GuestAgentError, OperationTimeout
 STALE = b'{"return": 2}\n\xff{"return": 42}\n{"return": {"pid": 7}}\n{"retu'
 
 
-def test_sync_delimited_discards_stale_input() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_sync_delimited_discards_stale_input() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent(stale=STALE) as fake, await GuestAgent.connect(fake.path) as ga:
             assert fake.names == ["guest-sync-delimited"]
             sync_id = fake.commands[0]["arguments"]["id"]
@@ -29,11 +30,10 @@ def test_sync_delimited_discards_stale_input() -> None:
             assert await ga.fsfreeze_status() == "thawed"
             assert fake.names == ["guest-sync-delimited", "guest-ping", "guest-fsfreeze-status"]
 
-    run(main())
 
-
-def test_sync_ids_are_random() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_sync_ids_are_random() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake:
             for _ in range(3):
                 async with GuestAgent(fake.path):
@@ -41,11 +41,10 @@ def test_sync_ids_are_random() -> None:
             ids = {c["arguments"]["id"] for c in fake.commands}
             assert len(ids) == 3
 
-    run(main())
 
-
-def test_freeze_thaw_helpers_and_errors() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_freeze_thaw_helpers_and_errors() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake, GuestAgent(fake.path) as ga:
             assert await ga.fsfreeze_freeze() == 2
             assert await ga.fsfreeze_status() == "frozen"
@@ -58,11 +57,10 @@ def test_freeze_thaw_helpers_and_errors() -> None:
             await ga.ping()  # an error reply leaves the connection usable
             assert fake.connections == 1
 
-    run(main())
 
-
-def test_exec_polls_and_decodes_output() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_exec_polls_and_decodes_output() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake, GuestAgent(fake.path) as ga:
             fake.exec_polls = 3
             fake.exec_results["/bin/cat"] = {
@@ -82,11 +80,10 @@ def test_exec_polls_and_decodes_output() -> None:
             }
             assert (await ga.exec("/bin/kill-me", timeout=5)).exitcode == -9
 
-    run(main())
 
-
-def test_timed_out_command_drops_the_connection_and_reconnects() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_timed_out_command_drops_the_connection_and_reconnects() -> None:
+    async with asyncio.timeout(20):
         calls = 0
 
         def slow_once(fake: FakeGuestAgent, args: dict[str, Any]) -> Any:
@@ -109,11 +106,10 @@ def test_timed_out_command_drops_the_connection_and_reconnects() -> None:
             assert fake.connections == 2
             assert fake.names.count("guest-sync-delimited") == 2
 
-    run(main())
 
-
-def test_cancelled_command_drops_the_connection() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_cancelled_command_drops_the_connection() -> None:
+    async with asyncio.timeout(20):
         async with (
             FakeGuestAgent({"guest-ping": Reply(no_reply=True)}) as fake,
             GuestAgent(fake.path) as ga,
@@ -126,33 +122,30 @@ def test_cancelled_command_drops_the_connection() -> None:
             assert not ga.connected
             assert await ga.fsfreeze_status() == "thawed"
 
-    run(main())
 
-
-def test_closed_agent_raises_clearly() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_closed_agent_raises_clearly() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake:
             ga = await GuestAgent.connect(fake.path)
             await ga.close()
             with pytest.raises(GuestAgentError, match="closed"):
                 await ga.ping()
 
-    run(main())
 
-
-def test_agent_that_never_answers_times_out_on_connect() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_agent_that_never_answers_times_out_on_connect() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent(sync=False) as fake:
             started = time.monotonic()
             with pytest.raises(OperationTimeout, match="guest agent"):
                 await GuestAgent.connect(fake.path, timeout=0.2)
             assert time.monotonic() - started < 1
 
-    run(main())
 
-
-def test_no_agent_socket() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_no_agent_socket() -> None:
+    async with asyncio.timeout(20):
         directory = short_tempdir()
         try:
             with pytest.raises(GuestAgentError, match="No such file"):
@@ -160,11 +153,11 @@ def test_no_agent_socket() -> None:
         finally:
             os.rmdir(directory)
 
-    run(main())
 
+@pytest.mark.asyncio
+async def test_agent_hangs_up_during_command() -> None:
+    async with asyncio.timeout(20):
 
-def test_agent_hangs_up_during_command() -> None:
-    async def main() -> None:
         async def hang_up(fake: FakeGuestAgent, args: dict[str, Any]) -> Any:
             for writer in list(fake._writers):
                 writer.close()
@@ -174,14 +167,13 @@ def test_agent_hangs_up_during_command() -> None:
             with pytest.raises(GuestAgentError, match="closed the connection during guest-ping"):
                 await ga.ping()
 
-    run(main())
-
 
 # --- frozen() ---------------------------------------------------------------------------------
 
 
-def test_frozen_freezes_and_thaws() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_freezes_and_thaws() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake, GuestAgent(fake.path) as ga:
             async with frozen(ga, timeout=5) as count:
                 assert count == 2
@@ -189,22 +181,25 @@ def test_frozen_freezes_and_thaws() -> None:
             assert not fake.frozen
             assert fake.names[-2:] == ["guest-fsfreeze-freeze", "guest-fsfreeze-thaw"]
 
-    run(main())
 
-
-def test_frozen_thaws_when_the_body_fails() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_thaws_when_the_body_fails() -> None:
+    async with asyncio.timeout(20):
         async with FakeGuestAgent() as fake, GuestAgent(fake.path) as ga:
             with pytest.raises(RuntimeError, match="snapshot failed"):
                 async with frozen(ga, timeout=5):
                     raise RuntimeError("snapshot failed")
             assert not fake.frozen
 
-    run(main())
 
+@pytest.mark.asyncio
+async def test_frozen_thaws_on_cancellation() -> None:
+    async def thaw_slowly(fake: FakeGuestAgent) -> int:
+        await asyncio.sleep(0.1)
+        fake.frozen = False
+        return 2
 
-def test_frozen_thaws_on_cancellation() -> None:
-    async def main() -> None:
+    async with asyncio.timeout(20):
         # a slow thaw must not be cut short by the cancellation that triggered it
         async with (
             FakeGuestAgent({"guest-fsfreeze-thaw": lambda fake, args: thaw_slowly(fake)}) as fake,
@@ -227,16 +222,10 @@ def test_frozen_thaws_on_cancellation() -> None:
             assert not fake.frozen
             assert fake.names[-1] == "guest-fsfreeze-thaw"
 
-    async def thaw_slowly(fake: FakeGuestAgent) -> int:
-        await asyncio.sleep(0.1)
-        fake.frozen = False
-        return 2
 
-    run(main())
-
-
-def test_frozen_thaws_after_a_freeze_that_timed_out() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_thaws_after_a_freeze_that_timed_out() -> None:
+    async with asyncio.timeout(20):
         # The agent is stuck in FIFREEZE: no answer. We give up, reconnect and thaw.
         async with (
             FakeGuestAgent({"guest-fsfreeze-freeze": Reply(no_reply=True)}) as fake,
@@ -250,11 +239,10 @@ def test_frozen_thaws_after_a_freeze_that_timed_out() -> None:
             assert fake.names[-1] == "guest-fsfreeze-thaw"
             assert fake.connections == 2
 
-    run(main())
 
-
-def test_frozen_freeze_error_still_thaws() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_freeze_error_still_thaws() -> None:
+    async with asyncio.timeout(20):
         script = {"guest-fsfreeze-freeze": Error("GenericError", "failed to freeze /data")}
         async with FakeGuestAgent(script) as fake, GuestAgent(fake.path) as ga:
             with pytest.raises(GuestAgentError, match="failed to freeze"):
@@ -262,11 +250,10 @@ def test_frozen_freeze_error_still_thaws() -> None:
                     pytest.fail("the body must not run")
             assert fake.names[-1] == "guest-fsfreeze-thaw"
 
-    run(main())
 
-
-def test_frozen_thaw_failure_after_success_is_an_error() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_thaw_failure_after_success_is_an_error() -> None:
+    async with asyncio.timeout(20):
         script = {"guest-fsfreeze-thaw": Error("GenericError", "thaw failed: EIO")}
         async with FakeGuestAgent(script) as fake, GuestAgent(fake.path) as ga:
             with pytest.raises(GuestAgentError, match="may still be frozen"):
@@ -274,11 +261,10 @@ def test_frozen_thaw_failure_after_success_is_an_error() -> None:
                     pass
             assert fake.frozen
 
-    run(main())
 
-
-def test_frozen_body_error_wins_over_thaw_failure() -> None:
-    async def main() -> None:
+@pytest.mark.asyncio
+async def test_frozen_body_error_wins_over_thaw_failure() -> None:
+    async with asyncio.timeout(20):
         script = {"guest-fsfreeze-thaw": Reply(no_reply=True)}
         async with FakeGuestAgent(script) as fake, GuestAgent(fake.path) as ga:
             with pytest.raises(RuntimeError) as info:
@@ -286,5 +272,3 @@ def test_frozen_body_error_wins_over_thaw_failure() -> None:
                     raise RuntimeError("snapshot failed")
             assert any("may still be frozen" in note for note in info.value.__notes__)
             assert fake.names[-1] == "guest-fsfreeze-thaw"
-
-    run(main())
