@@ -6,12 +6,13 @@ guest pause)."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import tempfile
 from typing import Any
 
 import pytest
-from fake_qmp import FakeQMPServer, Reply, run
+from fake_qmp import FakeQMPServer, Reply
 
 from qemusnap.capabilities import MemoryMechanism, Transport
 from qemusnap.memory import Saver
@@ -40,8 +41,8 @@ def script(qemu_resumes: bool, pages_after: int = 2) -> dict[str, Any]:
     }
 
 
-def saved(server_script: dict[str, Any], resume: bool) -> list[str]:
-    async def scenario() -> list[str]:
+async def saved(server_script: dict[str, Any], resume: bool) -> list[str]:
+    async with asyncio.timeout(20):
         fd, path = tempfile.mkstemp()
         try:
             async with (
@@ -56,12 +57,10 @@ def saved(server_script: dict[str, Any], resume: bool) -> list[str]:
             os.close(fd)
             os.unlink(path)
 
-    result: list[str] = run(scenario())
-    return result
 
-
-def test_paused_guest_is_resumed_once_pages_are_counted() -> None:
-    names = saved(script(qemu_resumes=False), resume=True)
+@pytest.mark.asyncio
+async def test_paused_guest_is_resumed_once_pages_are_counted() -> None:
+    names = await saved(script(qemu_resumes=False), resume=True)
     # Two polls without pages, the third counts pages: then at once cont (no query-status).
     assert names[:5] == ["migrate", "query-migrate", "query-migrate", "query-migrate", "cont"]
     assert names[-1] == "query-migrate"  # waits for completion after resuming
@@ -69,7 +68,8 @@ def test_paused_guest_is_resumed_once_pages_are_counted() -> None:
 
 
 @pytest.mark.parametrize(("qemu_resumes", "resume"), [(True, True), (False, False)])
-def test_no_cont_when_qemu_resumed_or_not_asked(qemu_resumes: bool, resume: bool) -> None:
-    names = saved(script(qemu_resumes), resume=resume)
+@pytest.mark.asyncio
+async def test_no_cont_when_qemu_resumed_or_not_asked(qemu_resumes: bool, resume: bool) -> None:
+    names = await saved(script(qemu_resumes), resume=resume)
     assert "cont" not in names
     assert "query-status" not in names
