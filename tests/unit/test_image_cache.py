@@ -6,7 +6,6 @@ tests/integration/test_scale.py runs the same paths against the real qemu-img.
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 from pathlib import Path
@@ -66,34 +65,36 @@ def runs(log: Path) -> list[str]:
     return text.splitlines()
 
 
-def test_an_unchanged_image_is_asked_once(tmp: Path, img: tuple[QemuImg, Path]) -> None:
+@pytest.mark.asyncio
+async def test_an_unchanged_image_is_asked_once(tmp: Path, img: tuple[QemuImg, Path]) -> None:
     qemu_img, log = img
     disk = image(tmp / "d.qcow2", tags=("a", "b"))
-    first = asyncio.run(qemu_img.info(disk, backing_chain=False))
+    first = await qemu_img.info(disk, backing_chain=False)
     assert len(runs(log)) == 1
-    again = asyncio.run(qemu_img.info(disk, backing_chain=False))
+    again = await qemu_img.info(disk, backing_chain=False)
     assert again == first and runs(log) == []
-    assert [t.name for t in asyncio.run(qemu_img.tags(disk))] == ["a", "b"]
+    assert [t.name for t in await qemu_img.tags(disk)] == ["a", "b"]
     assert runs(log) == []
     # Any change of the file (here its mtime) means: ask again.
     st = disk.stat()
     os.utime(disk, ns=(st.st_atime_ns, st.st_mtime_ns + 1_000_000))
-    asyncio.run(qemu_img.info(disk, backing_chain=False))
+    await qemu_img.info(disk, backing_chain=False)
     assert len(runs(log)) == 1
 
 
-def test_a_chain_asks_only_for_what_changed(tmp: Path, img: tuple[QemuImg, Path]) -> None:
+@pytest.mark.asyncio
+async def test_a_chain_asks_only_for_what_changed(tmp: Path, img: tuple[QemuImg, Path]) -> None:
     qemu_img, log = img
     files = [image(tmp / "i0.qcow2")]
     for i in range(1, 6):
         files.append(image(tmp / f"i{i}.qcow2", files[-1]))
-    chain = asyncio.run(qemu_img.info(files[-1]))
+    chain = await qemu_img.info(files[-1])
     assert [i.filename for i in chain] == [str(f) for f in reversed(files)]
     # Cold: the top alone, then the rest of the chain in one run.
     assert [r.split()[-1] for r in runs(log)] == [str(files[5]), str(files[4])]
-    assert asyncio.run(qemu_img.info(files[-1])) == chain and runs(log) == []
+    assert await qemu_img.info(files[-1]) == chain and runs(log) == []
     top = image(tmp / "new.qcow2", files[-1])  # a snapshot: a new overlay on top
-    assert len(asyncio.run(qemu_img.info(top))) == 7
+    assert len(await qemu_img.info(top)) == 7
     assert [r.split()[-1] for r in runs(log)] == [str(top)]
 
 
