@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-import asyncio
 import json
 
 import pytest
@@ -84,11 +83,14 @@ def test_huge_page_guest_ram() -> None:
         MachineConfig(memory_mib=255, hugepages=True)
 
 
-def test_huge_page_shortage_is_refused_before_starting(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.asyncio
+async def test_huge_page_shortage_is_refused_before_starting(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(hostmem, "free_huge_pages", lambda: 3)
     machine = Machine(MachineConfig(memory_mib=512, hugepages=True, binary="/nonexistent"))
     with pytest.raises(LaunchError, match="needs 256 free 2 MiB huge pages, 3 are free"):
-        asyncio.run(machine.launch())
+        await machine.launch()
 
 
 def test_restart_argv_drops_monitors_on_inherited_fds() -> None:
