@@ -31,16 +31,6 @@ from typing import Any
 import attrs
 
 
-def run(coro: Coroutine[Any, Any, Any], timeout: float = 20.0) -> Any:
-    """Run one test coroutine in a fresh event loop, with a safety deadline."""
-
-    async def bounded() -> Any:
-        async with asyncio.timeout(timeout):
-            return await coro
-
-    return asyncio.run(bounded())
-
-
 @attrs.frozen
 class Error:
     cls: str = "GenericError"
