@@ -4,7 +4,6 @@ from the value it had at the snapshot."""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import os
 from pathlib import Path
@@ -54,7 +53,10 @@ async def expect_resumed_at(
     [(False, False), (True, False), (True, True)],
     ids=["stop-and-copy", "live", "live-hugepages"],
 )
-def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool, hugepages: bool) -> None:
+@pytest.mark.asyncio
+async def test_external_checkpoint_restores_ram(
+    short_tmp: Path, live: bool, hugepages: bool
+) -> None:
     """Also with guest RAM on huge pages (the flat-pause setup): QEMU's write tracking then
     protects and copies 2 MiB pages, a different path through userfaultfd."""
     disks = make_disks(short_tmp, ["vda"])
@@ -63,7 +65,7 @@ def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool, hugepages
     # 256 MiB of guest RAM; the old QEMU is gone before a revert starts the new one.
     reserved = hostmem.huge_pages_free(128) if hugepages else contextlib.nullcontext()
 
-    async def scenario() -> None:
+    with reserved:
         vm, serial = await boot(short_tmp, disks, hugepages=hugepages)
         async with vm:
             await serial.wait_counter_at_least(2)
@@ -87,48 +89,41 @@ def test_external_checkpoint_restores_ram(short_tmp: Path, live: bool, hugepages
             await vm.delete("c1")
             assert not memory.exists()
 
-    with reserved:
-        asyncio.run(scenario())
 
-
-def test_checkpoint_of_user_paused_vm_stays_paused(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_checkpoint_of_user_paused_vm_stays_paused(short_tmp: Path) -> None:
     disks = make_disks(short_tmp, ["vda"])
 
-    async def scenario() -> None:
-        vm, _serial = await boot(short_tmp, disks)
-        async with vm:
-            assert vm.monitor is not None
-            await vm.monitor.stop()
-            for name, live in (("p1", False), ("p2", True)):
-                snap = await vm.create(name, internal=False, live=live)
-                assert snap.vm_state is VMState.PAUSED
-                assert snap.memory_file is not None and os.path.exists(snap.memory_file)
-                assert (await vm.run_state()) is VMState.PAUSED
-            await vm.monitor.cont()
-            await vm.revert("p1")  # comes back paused, as taken
+    vm, _serial = await boot(short_tmp, disks)
+    async with vm:
+        assert vm.monitor is not None
+        await vm.monitor.stop()
+        for name, live in (("p1", False), ("p2", True)):
+            snap = await vm.create(name, internal=False, live=live)
+            assert snap.vm_state is VMState.PAUSED
+            assert snap.memory_file is not None and os.path.exists(snap.memory_file)
             assert (await vm.run_state()) is VMState.PAUSED
-            await vm.revert("p1", running=True)
-            assert (await vm.run_state()) is VMState.RUNNING
+        await vm.monitor.cont()
+        await vm.revert("p1")  # comes back paused, as taken
+        assert (await vm.run_state()) is VMState.PAUSED
+        await vm.revert("p1", running=True)
+        assert (await vm.run_state()) is VMState.RUNNING
 
-    asyncio.run(scenario())
 
-
-def test_save_and_restore_continue_the_counter(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_save_and_restore_continue_the_counter(short_tmp: Path) -> None:
     disks = make_disks(short_tmp, ["vda"])
     saved = short_tmp / "saved.state"
 
-    async def scenario() -> None:
-        vm, serial = await boot(short_tmp, disks)
-        async with vm:
-            await serial.wait_counter_at_least(2)
-            await vm.save(str(saved))
-            at_save = serial.last_counter()
-            assert vm.monitor is None and saved.stat().st_mode & 0o777 == 0o600
-            serial.mark()
-            await vm.restore(str(saved))
-            resumed = await serial.next_counter()
-            assert at_save <= resumed <= at_save + 1
-            assert (await vm.run_state()) is VMState.RUNNING
-            assert "ok" in await guest_sh(short_tmp, "echo ok")
-
-    asyncio.run(scenario())
+    vm, serial = await boot(short_tmp, disks)
+    async with vm:
+        await serial.wait_counter_at_least(2)
+        await vm.save(str(saved))
+        at_save = serial.last_counter()
+        assert vm.monitor is None and saved.stat().st_mode & 0o777 == 0o600
+        serial.mark()
+        await vm.restore(str(saved))
+        resumed = await serial.next_counter()
+        assert at_save <= resumed <= at_save + 1
+        assert (await vm.run_state()) is VMState.RUNNING
+        assert "ok" in await guest_sh(short_tmp, "echo ok")
