@@ -13,7 +13,6 @@ Byte patterns written, snapshot, overwritten, reverted, read back; ``qemu-img ch
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import json
 import subprocess
@@ -136,52 +135,48 @@ def test_adopt_command_places_new_tags_by_date(short_tmp: Path) -> None:
     check_clean(a)
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
-def test_hmp_savevm_adopted_and_reverted_live(short_tmp: Path) -> None:
+async def test_hmp_savevm_adopted_and_reverted_live(short_tmp: Path) -> None:
     images = make_disks(short_tmp, ("vda", "vdb"))
     state = short_tmp / "state"
 
-    async def scenario() -> None:
-        machine = Machine(firmware_config(images))
-        await machine.launch()
+    machine = Machine(firmware_config(images))
+    await machine.launch()
+    try:
+        monitor = machine.monitor
+        for disk in ("vda", "vdb"):
+            await write_live(monitor, disk, P1)
+        # HMP savevm: another tool's internal checkpoint (disks + VM state in vda).
+        reply = await monitor.execute("human-monitor-command", {"command-line": "savevm hmp-one"})
+        assert not str(reply).strip(), reply
+        for disk in ("vda", "vdb"):
+            await write_live(monitor, disk, P2)
+
+        vm = await VM.attach(monitor, state_dir=state)
         try:
-            monitor = machine.monitor
+            (snap,) = vm.snapshots()
+            assert snap.name == "hmp-one" and snap.adopted and not snap.partial
+            assert snap.kind is SnapshotKind.INTERNAL and snap.memory is MemoryKind.INTERNAL
+            assert snap.current
+            reverted = await vm.revert("hmp-one")
+            assert reverted.current
+            assert vm.monitor is monitor  # snapshot-load in the same QEMU, no restart
             for disk in ("vda", "vdb"):
-                await write_live(monitor, disk, P1)
-            # HMP savevm: another tool's internal checkpoint (disks + VM state in vda).
-            reply = await monitor.execute(
-                "human-monitor-command", {"command-line": "savevm hmp-one"}
-            )
-            assert not str(reply).strip(), reply
-            for disk in ("vda", "vdb"):
-                await write_live(monitor, disk, P2)
-
-            vm = await VM.attach(monitor, state_dir=state)
-            try:
-                (snap,) = vm.snapshots()
-                assert snap.name == "hmp-one" and snap.adopted and not snap.partial
-                assert snap.kind is SnapshotKind.INTERNAL and snap.memory is MemoryKind.INTERNAL
-                assert snap.current
-                reverted = await vm.revert("hmp-one")
-                assert reverted.current
-                assert vm.monitor is monitor  # snapshot-load in the same QEMU, no restart
-                for disk in ("vda", "vdb"):
-                    assert await read_live(monitor, disk, P1), disk
-                assert (await monitor.query_status()).running
-                await flush_live(monitor)
-                for image in images:
-                    check_clean(image, in_use=True)
-                await vm.delete("hmp-one")
-                assert vm.snapshots() == []
-            finally:
-                vm.store.close()
+                assert await read_live(monitor, disk, P1), disk
+            assert (await monitor.query_status()).running
+            await flush_live(monitor)
+            for image in images:
+                check_clean(image, in_use=True)
+            await vm.delete("hmp-one")
+            assert vm.snapshots() == []
         finally:
-            await machine.shutdown()
-        for image in images:
-            assert tags(image) == []
-            check_clean(image)
-
-    asyncio.run(scenario())
+            vm.store.close()
+    finally:
+        await machine.shutdown()
+    for image in images:
+        assert tags(image) == []
+        check_clean(image)
 
 
 def _sha(path: Path) -> str:
