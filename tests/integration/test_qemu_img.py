@@ -8,11 +8,11 @@ import shutil
 import stat
 import subprocess
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
 
 import pytest
+import pytest_asyncio
 from helpers import make_corrupt_image, make_leaky_image, qemu_holding, qemu_img, qemu_io
 
 from qemusnap.errors import (
@@ -30,16 +30,11 @@ from qemusnap.qemu_img import QemuImg, QemuIo
 
 pytestmark = pytest.mark.qemu_img
 
-T = TypeVar("T")
 MiB = 1 << 20
 SIZE = 4 * MiB
 # Each layer writes its own byte at its own offset, so a read through the chain shows which
 # layer every MiB comes from.
 LAYERS = {"base": (0x11, 0), "mid": (0x22, MiB), "top": (0x33, 2 * MiB)}
-
-
-def arun(coro: Coroutine[Any, Any, T]) -> T:
-    return asyncio.run(coro)
 
 
 @pytest.fixture
@@ -52,8 +47,8 @@ def io() -> QemuIo:
     return QemuIo(timeout=60)
 
 
-@pytest.fixture
-def chain(short_tmp: Path, img: QemuImg, io: QemuIo) -> dict[str, Path]:
+@pytest_asyncio.fixture
+async def chain(short_tmp: Path, img: QemuImg, io: QemuIo) -> dict[str, Path]:
     """base <- mid <- top, made with QemuImg.create, one pattern written into each layer."""
     paths = {name: short_tmp / f"{name}.qcow2" for name in LAYERS}
 
@@ -64,15 +59,16 @@ def chain(short_tmp: Path, img: QemuImg, io: QemuIo) -> dict[str, Path]:
         for name, (pattern, offset) in LAYERS.items():
             await io.write_pattern(paths[name], pattern, offset, MiB, fmt="qcow2")
 
-    arun(build())
+    await build()
     return paths
 
 
 # --- info, chain, patterns ------------------------------------------------------------------
 
 
-def test_info_lists_the_chain_active_first(img: QemuImg, chain: dict[str, Path]) -> None:
-    infos = arun(img.info(chain["top"]))
+@pytest.mark.asyncio
+async def test_info_lists_the_chain_active_first(img: QemuImg, chain: dict[str, Path]) -> None:
+    infos = await img.info(chain["top"])
     assert [i.filename for i in infos] == [str(chain[n]) for n in ("top", "mid", "base")]
     assert [i.backing_filename for i in infos] == [str(chain["mid"]), str(chain["base"]), None]
     assert [i.backing_format for i in infos] == ["qcow2", "qcow2", None]
@@ -80,10 +76,10 @@ def test_info_lists_the_chain_active_first(img: QemuImg, chain: dict[str, Path])
     assert {i.virtual_size for i in infos} == {SIZE}
     assert all(i.snapshots == () and not i.dirty for i in infos)
 
-    only = arun(img.info(chain["top"], backing_chain=False))
+    only = await img.info(chain["top"], backing_chain=False)
     assert [i.filename for i in only] == [str(chain["top"])]
 
-    c = arun(img.chain("vda", chain["top"]))
+    c = await img.chain("vda", chain["top"])
     assert (c.disk, c.active.filename, c.base.filename) == (
         "vda",
         str(chain["top"]),
@@ -92,15 +88,17 @@ def test_info_lists_the_chain_active_first(img: QemuImg, chain: dict[str, Path])
     assert c.to_json()["images"][0]["backing_filename"] == str(chain["mid"])
 
 
-def test_relative_image_path_is_made_absolute(
+@pytest.mark.asyncio
+async def test_relative_image_path_is_made_absolute(
     img: QemuImg, chain: dict[str, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.chdir(chain["top"].parent)
-    infos = arun(img.info("top.qcow2"))
+    infos = await img.info("top.qcow2")
     assert infos[0].filename == str(chain["top"])
 
 
-def test_patterns_read_back_through_the_chain(io: QemuIo, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_patterns_read_back_through_the_chain(io: QemuIo, chain: dict[str, Path]) -> None:
     async def check() -> None:
         for pattern, offset in LAYERS.values():
             assert await io.verify_pattern(chain["top"], pattern, offset, MiB, fmt="qcow2")
@@ -113,21 +111,25 @@ def test_patterns_read_back_through_the_chain(io: QemuIo, chain: dict[str, Path]
         assert await io.verify_pattern(chain["top"], 0x44, 0, 64 * 1024, fmt="qcow2")
         assert await io.verify_pattern(chain["mid"], 0x11, 0, MiB, fmt="qcow2")
 
-    arun(check())
+    await check()
 
 
-def test_verify_pattern_raises_when_it_cannot_read(io: QemuIo, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_verify_pattern_raises_when_it_cannot_read(
+    io: QemuIo, chain: dict[str, Path]
+) -> None:
     # Past the end: qemu-io exits 1 as for a mismatch, but this is an error, not "False".
     with pytest.raises(QemuImgError, match="read failed"):
-        arun(io.verify_pattern(chain["top"], 0, SIZE, MiB, fmt="qcow2"))
+        await io.verify_pattern(chain["top"], 0, SIZE, MiB, fmt="qcow2")
     with pytest.raises(UsageError):
-        arun(io.write_pattern(chain["top"], 0x100, 0, 512, fmt="qcow2"))
+        await io.write_pattern(chain["top"], 0x100, 0, 512, fmt="qcow2")
 
 
 # --- internal snapshots ---------------------------------------------------------------------
 
 
-def test_internal_snapshots(img: QemuImg, io: QemuIo, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_internal_snapshots(img: QemuImg, io: QemuIo, chain: dict[str, Path]) -> None:
     top = chain["top"]
 
     async def scenario() -> None:
@@ -156,11 +158,12 @@ def test_internal_snapshots(img: QemuImg, io: QemuIo, chain: dict[str, Path]) ->
         with pytest.raises(SnapshotNotFoundError):
             await img.snapshot_delete(top, "s1")
 
-    arun(scenario())
+    await scenario()
     assert qemu_img("check", "-q", top) == ""
 
 
-def test_snapshot_named_like_another_snapshots_id(
+@pytest.mark.asyncio
+async def test_snapshot_named_like_another_snapshots_id(
     img: QemuImg, io: QemuIo, short_tmp: Path
 ) -> None:
     """qemu-img snapshot -a looks up IDs before names; "2" must still mean the one named 2."""
@@ -180,54 +183,60 @@ def test_snapshot_named_like_another_snapshots_id(
         await img.snapshot_delete(path, "2")
         assert [s.name for s in await img.snapshot_list(path)] == ["x"]
 
-    arun(scenario())
+    await scenario()
 
 
 # --- check ----------------------------------------------------------------------------------
 
 
-def test_check_clean_image(img: QemuImg, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_check_clean_image(img: QemuImg, chain: dict[str, Path]) -> None:
     for path in chain.values():
-        result = arun(img.check(path))
+        result = await img.check(path)
         assert result.result is CheckOutcome.OK and result.ok
         assert (result.leaks, result.corruptions, result.supported) == (0, 0, True)
         assert result.filename == str(path)
 
 
-def test_check_finds_and_repairs_leaks(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_check_finds_and_repairs_leaks(img: QemuImg, short_tmp: Path) -> None:
     path = short_tmp / "leaky.qcow2"
     make_leaky_image(path)
 
-    found = arun(img.check(path))
+    found = await img.check(path)
     assert found.result is CheckOutcome.LEAKS
     assert (found.leaks, found.corruptions) == (1, 0)
 
-    repaired = arun(img.check(path, repair="leaks"))
+    repaired = await img.check(path, repair="leaks")
     assert repaired.result is CheckOutcome.OK
     assert (repaired.leaks, repaired.leaks_fixed) == (0, 1)
-    assert arun(img.check(path)).result is CheckOutcome.OK
+    assert (await img.check(path)).result is CheckOutcome.OK
 
 
-def test_check_finds_and_repairs_corruption(img: QemuImg, io: QemuIo, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_check_finds_and_repairs_corruption(
+    img: QemuImg, io: QemuIo, short_tmp: Path
+) -> None:
     path = short_tmp / "corrupt.qcow2"
     make_corrupt_image(path)
 
-    found = arun(img.check(path))
+    found = await img.check(path)
     assert found.result is CheckOutcome.CORRUPT
     assert found.corruptions > 0
 
     # qemu-img check -r leaks cannot rebuild refcounts: it fails (exit 1, no JSON).
     with pytest.raises(QemuImgError, match="Check failed"):
-        arun(img.check(path, repair="leaks"))
+        await img.check(path, repair="leaks")
 
-    repaired = arun(img.check(path, repair="all"))
+    repaired = await img.check(path, repair="all")
     assert repaired.result is CheckOutcome.OK
     assert repaired.corruptions_fixed > 0 and repaired.corruptions == 0
-    assert arun(img.check(path)).result is CheckOutcome.OK
-    assert arun(io.verify_pattern(path, 0x5A, 0, 64 * 1024, fmt="qcow2"))
+    assert (await img.check(path)).result is CheckOutcome.OK
+    assert await io.verify_pattern(path, 0x5A, 0, 64 * 1024, fmt="qcow2")
 
 
-def test_check_without_backing_sees_what_check_sees(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_check_without_backing_sees_what_check_sees(img: QemuImg, short_tmp: Path) -> None:
     """An overlay checked alone (json: spec, "backing": null) reports the same leaks and
     corruptions as a check through its chain, repairs the same way, and does not open the
     backing file at all (it still checks once the backing file is gone)."""
@@ -242,8 +251,8 @@ def test_check_without_backing_sees_what_check_sees(img: QemuImg, short_tmp: Pat
         qemu_img("rebase", "-u", "-b", base, "-F", "qcow2", images[outcome])
 
     for outcome, path in images.items():
-        alone = arun(img.check(path, fmt="qcow2", without_backing=True))
-        through = arun(img.check(path))
+        alone = await img.check(path, fmt="qcow2", without_backing=True)
+        through = await img.check(path)
         assert alone.result is CheckOutcome(outcome if outcome != "clean" else "ok")
         assert (alone.result, alone.leaks, alone.corruptions) == (
             through.result,
@@ -251,37 +260,39 @@ def test_check_without_backing_sees_what_check_sees(img: QemuImg, short_tmp: Pat
             through.corruptions,
         )
         assert alone.filename == str(path)
-    assert arun(img.check(images["leaks"], fmt="qcow2", without_backing=True)).leaks == 1
+    assert (await img.check(images["leaks"], fmt="qcow2", without_backing=True)).leaks == 1
 
-    fixed = arun(img.check(images["leaks"], repair="leaks", fmt="qcow2", without_backing=True))
+    fixed = await img.check(images["leaks"], repair="leaks", fmt="qcow2", without_backing=True)
     assert (fixed.result, fixed.leaks_fixed) == (CheckOutcome.OK, 1)
-    fixed = arun(img.check(images["corrupt"], repair="all", fmt="qcow2", without_backing=True))
+    fixed = await img.check(images["corrupt"], repair="all", fmt="qcow2", without_backing=True)
     assert fixed.result is CheckOutcome.OK and fixed.corruptions_fixed > 0
     # The repair kept the backing link (json: "backing": null only applies to this open).
-    (top, below) = arun(img.info(images["corrupt"]))
+    (top, below) = await img.info(images["corrupt"])
     assert (top.backing_filename, below.filename) == (str(base), str(base))
 
     base.unlink()
     with pytest.raises(DiskNotFoundError):
-        arun(img.check(images["clean"]))
-    assert arun(img.check(images["clean"], fmt="qcow2", without_backing=True)).ok
+        await img.check(images["clean"])
+    assert (await img.check(images["clean"], fmt="qcow2", without_backing=True)).ok
     with pytest.raises(UsageError, match="format"):
-        arun(img.check(images["clean"], without_backing=True))
+        await img.check(images["clean"], without_backing=True)
 
 
-def test_check_raw_image_is_ok_but_unsupported(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_check_raw_image_is_ok_but_unsupported(img: QemuImg, short_tmp: Path) -> None:
     path = short_tmp / "disk.raw"
-    arun(img.create(path, fmt="raw", size=MiB))
-    result = arun(img.check(path))
+    await img.create(path, fmt="raw", size=MiB)
+    result = await img.check(path)
     assert (result.result, result.supported) == (CheckOutcome.OK, False)
     assert result.to_json()["result"] == "ok"
-    assert arun(img.info(path))[0].format == "raw"
+    assert (await img.info(path))[0].format == "raw"
 
 
 # --- missing files, create ------------------------------------------------------------------
 
 
-def test_missing_image(img: QemuImg, io: QemuIo, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_missing_image(img: QemuImg, io: QemuIo, short_tmp: Path) -> None:
     missing = short_tmp / "nope.qcow2"
     for coro in (
         img.info(missing),
@@ -292,53 +303,57 @@ def test_missing_image(img: QemuImg, io: QemuIo, short_tmp: Path) -> None:
         io.verify_pattern(missing, 0, 0, 512, fmt="qcow2"),
     ):
         with pytest.raises(DiskNotFoundError, match=r"nope\.qcow2"):
-            arun(coro)
+            await coro
 
 
-def test_missing_backing_file(img: QemuImg, short_tmp: Path, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_missing_backing_file(img: QemuImg, short_tmp: Path, chain: dict[str, Path]) -> None:
     overlay = short_tmp / "overlay.qcow2"
     with pytest.raises(DiskNotFoundError, match=r"gone\.qcow2"):
-        arun(img.create(overlay, backing=str(short_tmp / "gone.qcow2"), backing_fmt="qcow2"))
+        await img.create(overlay, backing=str(short_tmp / "gone.qcow2"), backing_fmt="qcow2")
     assert not overlay.exists()
 
     chain["mid"].rename(short_tmp / "moved.qcow2")
     with pytest.raises(DiskNotFoundError, match=r"mid\.qcow2"):
-        arun(img.info(chain["top"]))
+        await img.info(chain["top"])
 
 
-def test_create_never_overwrites(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_create_never_overwrites(img: QemuImg, short_tmp: Path) -> None:
     precious = short_tmp / "precious.qcow2"
     precious.write_bytes(b"do not touch")
     with pytest.raises(TargetExistsError):
-        arun(img.create(precious, size=MiB))
+        await img.create(precious, size=MiB)
     assert precious.read_bytes() == b"do not touch"
 
     link = short_tmp / "dangling.qcow2"
     link.symlink_to(short_tmp / "elsewhere")
     with pytest.raises(TargetExistsError):
-        arun(img.create(link, size=MiB))
+        await img.create(link, size=MiB)
     assert not (short_tmp / "elsewhere").exists()
 
 
-def test_create_mode(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_create_mode(img: QemuImg, short_tmp: Path) -> None:
     old = os.umask(0)  # the mode must not depend on the umask
     try:
-        arun(img.create(short_tmp / "a.qcow2", size=MiB))
-        arun(img.create(short_tmp / "b.qcow2", size=MiB, mode=0o640))
+        await img.create(short_tmp / "a.qcow2", size=MiB)
+        await img.create(short_tmp / "b.qcow2", size=MiB, mode=0o640)
     finally:
         os.umask(old)
     assert stat.S_IMODE((short_tmp / "a.qcow2").stat().st_mode) == 0o600
     assert stat.S_IMODE((short_tmp / "b.qcow2").stat().st_mode) == 0o640
-    assert arun(img.info(short_tmp / "a.qcow2"))[0].virtual_size == MiB
+    assert (await img.info(short_tmp / "a.qcow2"))[0].virtual_size == MiB
 
 
-def test_create_failure_removes_only_its_file(img: QemuImg, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_create_failure_removes_only_its_file(img: QemuImg, short_tmp: Path) -> None:
     path = short_tmp / "bad.qcow2"
     with pytest.raises(QemuImgError, match="create"):
-        arun(img.create(path, size=MiB, options={"cluster_size": "3"}))
+        await img.create(path, size=MiB, options={"cluster_size": "3"})
     assert not path.exists()
     with pytest.raises(UsageError):
-        arun(img.create(short_tmp / "no-dir" / "x.qcow2", size=MiB))
+        await img.create(short_tmp / "no-dir" / "x.qcow2", size=MiB)
 
 
 @pytest.fixture
@@ -350,14 +365,16 @@ def stuck_qemu_img(short_tmp: Path) -> Path:
     return script
 
 
-def test_create_timeout_removes_its_file(stuck_qemu_img: Path, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_create_timeout_removes_its_file(stuck_qemu_img: Path, short_tmp: Path) -> None:
     path = short_tmp / "slow.qcow2"
     with pytest.raises(OperationTimeout, match="qemu-img did not finish"):
-        arun(QemuImg(str(stuck_qemu_img), timeout=0.3).create(path, size=MiB))
+        await QemuImg(str(stuck_qemu_img), timeout=0.3).create(path, size=MiB)
     assert not path.exists()
 
 
-def test_create_cancelled_removes_its_file(stuck_qemu_img: Path, short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_create_cancelled_removes_its_file(stuck_qemu_img: Path, short_tmp: Path) -> None:
     path = short_tmp / "slow.qcow2"
 
     async def scenario() -> None:
@@ -368,14 +385,15 @@ def test_create_cancelled_removes_its_file(stuck_qemu_img: Path, short_tmp: Path
         with pytest.raises(asyncio.CancelledError):
             await task
 
-    arun(scenario())
+    await scenario()
     assert not path.exists()
 
 
 # --- commit, rebase, measure ----------------------------------------------------------------
 
 
-def test_commit_and_rebase(img: QemuImg, io: QemuIo, chain: dict[str, Path]) -> None:
+@pytest.mark.asyncio
+async def test_commit_and_rebase(img: QemuImg, io: QemuIo, chain: dict[str, Path]) -> None:
     base, mid, top = chain["base"], chain["mid"], chain["top"]
 
     async def scenario() -> None:
@@ -395,16 +413,17 @@ def test_commit_and_rebase(img: QemuImg, io: QemuIo, chain: dict[str, Path]) -> 
         await img.commit(mid, base=str(base))
         assert await io.verify_pattern(base, 0x22, MiB, MiB, fmt="qcow2")
 
-    arun(scenario())
+    await scenario()
 
 
-def test_measure(img: QemuImg, chain: dict[str, Path]) -> None:
-    new = arun(img.measure(size=1 << 30))
+@pytest.mark.asyncio
+async def test_measure(img: QemuImg, chain: dict[str, Path]) -> None:
+    new = await img.measure(size=1 << 30)
     assert new.fully_allocated > 1 << 30 > new.required > 0
-    copy = arun(img.measure(path=chain["top"], fmt="qcow2"))
+    copy = await img.measure(path=chain["top"], fmt="qcow2")
     assert copy.required > MiB  # top's one MiB of data plus metadata
     with pytest.raises(UsageError):
-        arun(img.measure())
+        await img.measure()
 
 
 # --- qemu-io over NBD -----------------------------------------------------------------------
@@ -431,25 +450,27 @@ def nbd_export(short_tmp: Path, chain: dict[str, Path]) -> Iterator[str]:
         proc.wait(timeout=10)
 
 
-def test_read_pattern_over_nbd(io: QemuIo, nbd_export: str) -> None:
+@pytest.mark.asyncio
+async def test_read_pattern_over_nbd(io: QemuIo, nbd_export: str) -> None:
     async def check() -> None:
         for pattern, offset in LAYERS.values():
             assert await io.read_pattern_nbd(nbd_export, pattern, offset, MiB)
         assert not await io.read_pattern_nbd(nbd_export, 0x77, 0, MiB)
 
-    arun(check())
+    await check()
 
 
 # --- an image a running QEMU holds ----------------------------------------------------------
 
 
+@pytest.mark.asyncio
 @pytest.mark.qemu_system
-def test_image_held_by_running_qemu(
+async def test_image_held_by_running_qemu(
     img: QemuImg, io: QemuIo, chain: dict[str, Path], short_tmp: Path
 ) -> None:
     top, mid, base = chain["top"], chain["mid"], chain["base"]
     spare = short_tmp / "spare.qcow2"
-    arun(img.create(spare, size=MiB))
+    await img.create(spare, size=MiB)
 
     with qemu_holding(top, short_tmp / "qemu.log"):
 
@@ -493,7 +514,7 @@ def test_image_held_by_running_qemu(
             # An overlay on top of an image in use may be prepared (external snapshots do).
             await img.create(short_tmp / "overlay.qcow2", backing=str(top), backing_fmt="qcow2")
 
-        arun(scenario())
+        await scenario()
 
     # Nothing was written while QEMU held the chain.
     assert qemu_img("check", "-q", top) == ""
