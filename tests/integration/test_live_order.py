@@ -49,12 +49,13 @@ def ticks(serial_log: Path, start: int = 0) -> list[int]:
     return [int(n) for n in TICK.findall(serial_log.read_bytes()[start:])]
 
 
-def test_live_checkpoint_resumes_guest_before_ram_is_written(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_live_checkpoint_resumes_guest_before_ram_is_written(short_tmp: Path) -> None:
     disks = make_disks(short_tmp, ["vda"])
     memory = short_tmp / "live.mem"
     log = short_tmp / "serial.log"
 
-    async def scenario() -> None:
+    async with asyncio.timeout(600):
         vm, serial = await boot(short_tmp, disks)
         async with vm:
             assert vm.monitor is not None
@@ -124,8 +125,6 @@ def test_live_checkpoint_resumes_guest_before_ram_is_written(short_tmp: Path) ->
                 resumed,
             )
             os.unlink(memory)
-
-    asyncio.run(asyncio.wait_for(scenario(), 600))
 
 
 async def _guest_runs_while_writing(monitor: object, log: Path) -> bool:
