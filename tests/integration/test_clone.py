@@ -59,8 +59,11 @@ async def _first_counter(serial: Serial, timeout: float = 60.0) -> int:
 
 
 @pytest.mark.guest
-def test_two_clones_continue_from_the_checkpoint_and_keep_their_writes(short_tmp: Path) -> None:
-    async def scenario() -> None:
+@pytest.mark.asyncio
+async def test_two_clones_continue_from_the_checkpoint_and_keep_their_writes(
+    short_tmp: Path,
+) -> None:
+    try:
         (disk,) = make_disks(short_tmp, ["vda"])
         config = guest_config(short_tmp, [disk])
         serial = Serial(config.serial_log or "")
@@ -146,9 +149,6 @@ def test_two_clones_continue_from_the_checkpoint_and_keep_their_writes(short_tmp
                 image.unlink()
             assert await source.delete("cp") == ["cp"]
             check_clean(disk, in_use=True)
-
-    try:
-        asyncio.run(scenario())
     finally:
         _kill_leftovers(short_tmp)
 
@@ -161,7 +161,10 @@ def _free_port() -> int:
 
 
 @pytest.mark.parametrize("live", [(), ("--live",)], ids=["checkpoint", "live-checkpoint"])
-def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[str, ...]) -> None:
+@pytest.mark.asyncio
+async def test_cli_clone_of_a_foreign_vm_and_its_network(
+    short_tmp: Path, live: tuple[str, ...]
+) -> None:
     """``qemusnap clone NAME --to DIR --json`` on a QEMU someone else started, from an
     external checkpoint or a live one: a hostfwd port is refused in one line, mapped it works;
     the clone answers on DIR/qmp.sock."""
@@ -201,8 +204,8 @@ def test_cli_clone_of_a_foreign_vm_and_its_network(short_tmp: Path, live: tuple[
                 "pid": peer_pid(short_tmp / "c" / "qmp.sock"),
                 "disks": [{"name": "vda", "file": str(short_tmp / "c" / "vda.qcow2")}],
             }
-            assert source.running()  # untouched
-            clone_status = asyncio.run(_status(out["qmp_socket"]))
+            assert await asyncio.to_thread(source.running)  # untouched
+            clone_status = await _status(out["qmp_socket"])
             assert clone_status == "running"
             cmdline = Path(f"/proc/{out['pid']}/cmdline").read_bytes().split(b"\0")
             assert b"user,id=n1" in cmdline and b"hostfwd=tcp:127.0.0.1:0-:22" in b" ".join(cmdline)
