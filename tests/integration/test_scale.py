@@ -12,7 +12,6 @@ count the ``qemu-img info`` runs of one CLI call and see how ``check`` opens eac
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import subprocess
@@ -90,32 +89,31 @@ def reads(image: Path, byte: int) -> bool:
     return True
 
 
-def build(disk: Path, state: Path, names: list[str], marks: dict[str, int], **kw: bool) -> None:
+async def build(
+    disk: Path, state: Path, names: list[str], marks: dict[str, int], **kw: bool
+) -> None:
     """Snapshots *names* in a line; before snapshot N, *marks*[N] is written into the disk."""
-
-    async def go() -> None:
-        vm = await VM.cold([str(disk)], state_dir=state)
-        async with vm:
-            for name in names:
-                if name in marks:
-                    (active,) = [d.file for d in await vm.disks()]
-                    pattern(Path(active), marks[name])
-                await vm.create(name, **kw)
-
-    asyncio.run(go())
+    vm = await VM.cold([str(disk)], state_dir=state)
+    async with vm:
+        for name in names:
+            if name in marks:
+                (active,) = [d.file for d in await vm.disks()]
+                pattern(Path(active), marks[name])
+            await vm.create(name, **kw)
 
 
 def tree_names(text: str) -> list[str]:
     return [row.lstrip("│├└─… ").split()[0] for row in text.splitlines() if row]
 
 
-def test_300_internal_snapshots(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_300_internal_snapshots(short_tmp: Path) -> None:
     disk = short_tmp / "disk.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", disk, "16M")
     state = short_tmp / "state"
     names = [f"s{i}" for i in range(HISTORY)]
     marks = {"s0": 0x10, "s150": 0x15, "s299": 0x29}
-    build(disk, state, names, marks)
+    await build(disk, state, names, marks)
     cli = Cli(short_tmp, state)
 
     # list --tree: one line per snapshot, a line of them drawn as one column.
@@ -159,13 +157,14 @@ def test_300_internal_snapshots(short_tmp: Path) -> None:
     assert [r["result"] for r in results] == ["ok"]  # type: ignore[union-attr,index]
 
 
-def test_128_deep_chain(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_128_deep_chain(short_tmp: Path) -> None:
     base = short_tmp / "base.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", base, "16M")
     state = short_tmp / "state"
     names = [f"e{i}" for i in range(DEPTH)]
     marks = {"e0": 0x10, "e32": 0x32, "e64": 0x64, "e100": 0x71, "e127": 0x7F}
-    build(base, state, names, marks, disk_only=True)
+    await build(base, state, names, marks, disk_only=True)
     cli = Cli(short_tmp, state)
 
     text = cli("--disk", base, "list", "--tree").stdout
@@ -241,7 +240,8 @@ def test_a_numeric_name_is_never_taken_for_an_id(short_tmp: Path) -> None:
     assert [r["result"] for r in cli.json("check")] == ["ok"]  # type: ignore[union-attr,index]
 
 
-def test_a_tree_10000_deep_lists_reverts_and_deletes(short_tmp: Path) -> None:
+@pytest.mark.asyncio
+async def test_a_tree_10000_deep_lists_reverts_and_deletes(short_tmp: Path) -> None:
     """The store holds a line of 10,000 snapshots (written directly: taking them would take
     an hour); three of them also exist in the image.  The CLI lists, renders, reverts and
     deletes in that tree: nothing in the engine recurses or rescans per snapshot."""
@@ -251,30 +251,27 @@ def test_a_tree_10000_deep_lists_reverts_and_deletes(short_tmp: Path) -> None:
     depth = 10_000
     real = {"s0": 0x10, "s5000": 0x50, f"s{depth - 1}": 0x99}
 
-    async def fill() -> None:
-        vm = await VM.cold([str(disk)], state_dir=state)
-        async with vm:
-            with vm.store.atomic():
-                for i in range(depth):
-                    name = f"s{i}"
-                    if name in real:
-                        pattern(disk, real[name])
-                        qemu_img("snapshot", "-c", name, disk)
-                    vm.store.add_snapshot(
-                        vm.record.id,
-                        Snapshot(
-                            name=name,
-                            parent=f"s{i - 1}" if i else None,
-                            kind=SnapshotKind.INTERNAL,
-                            memory=MemoryKind.NONE,
-                            consistency=Consistency.CRASH,
-                            vm_state=VMState.SHUTOFF,
-                            created="2026-01-01T00:00:00Z",
-                            disks=(DiskSnapshot("disk", DiskSnapshotKind.INTERNAL, str(disk)),),
-                        ),
-                    )
-
-    asyncio.run(fill())
+    vm = await VM.cold([str(disk)], state_dir=state)
+    async with vm:
+        with vm.store.atomic():
+            for i in range(depth):
+                name = f"s{i}"
+                if name in real:
+                    pattern(disk, real[name])
+                    qemu_img("snapshot", "-c", name, disk)
+                vm.store.add_snapshot(
+                    vm.record.id,
+                    Snapshot(
+                        name=name,
+                        parent=f"s{i - 1}" if i else None,
+                        kind=SnapshotKind.INTERNAL,
+                        memory=MemoryKind.NONE,
+                        consistency=Consistency.CRASH,
+                        vm_state=VMState.SHUTOFF,
+                        created="2026-01-01T00:00:00Z",
+                        disks=(DiskSnapshot("disk", DiskSnapshotKind.INTERNAL, str(disk)),),
+                    ),
+                )
     cli = Cli(short_tmp, state)
     began = time.perf_counter()
     text = cli("--disk", disk, "list", "--tree").stdout
