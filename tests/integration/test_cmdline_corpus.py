@@ -526,17 +526,14 @@ def test_recovery_gives_up_after_one_failed_fall_back(corpus_dir: Path) -> None:
 # --- the raw style with a booted guest ---------------------------------------------------------
 
 
-def _guest_sh(sock: Path, script: str) -> str:
+async def _guest_sh(sock: Path, script: str) -> str:
     """Run ``script`` in the guest (busybox sh, through qemu-guest-agent), return its stdout."""
     from qemusnap.agent import GuestAgent
 
-    async def run() -> str:
-        async with GuestAgent(str(sock), timeout=60) as agent:
-            done = await agent.exec("/bin/sh", ["-c", script], timeout=120)
-        assert done.exitcode == 0, done
-        return done.stdout.decode()
-
-    return asyncio.run(run())
+    async with GuestAgent(str(sock), timeout=60) as agent:
+        done = await agent.exec("/bin/sh", ["-c", script], timeout=120)
+    assert done.exitcode == 0, done
+    return done.stdout.decode()
 
 
 def _wait_ready(serial: Path, after: int, timeout: float = 180.0) -> None:
@@ -549,7 +546,8 @@ def _wait_ready(serial: Path, after: int, timeout: float = 180.0) -> None:
 
 
 @pytest.mark.guest
-def test_raw_drive_with_a_booted_guest(corpus_dir: Path) -> None:
+@pytest.mark.asyncio
+async def test_raw_drive_with_a_booted_guest(corpus_dir: Path) -> None:
     """Yocto's ``-drive file=rootfs,if=virtio,format=raw``, with the test guest booted (its
     init puts an ext2 filesystem on /dev/vda and mounts it): the guest writes its pattern into
     a file there itself, and reads it back, its page cache dropped, after a checkpoint revert
@@ -573,17 +571,17 @@ def test_raw_drive_with_a_booted_guest(corpus_dir: Path) -> None:
         extra_args=("-drive", f"file={e(rootfs)},if=virtio,format=raw"),
     )
 
-    def write(pattern: int) -> None:
+    async def write(pattern: int) -> None:
         # 64 KiB of one byte (tr over /dev/zero), synced to the disk.
-        _guest_sh(
+        await _guest_sh(
             qga,
             f"head -c {LENGTH} /dev/zero | tr '\\000' '\\{pattern:03o}' > /mnt/vda/p && sync",
         )
 
-    def read() -> str:
+    async def read() -> str:
         """ "0x11" if the guest reads 64 KiB of 0x11 from /dev/vda (its page cache dropped),
         else the md5 and the first bytes it reads."""
-        out = _guest_sh(
+        out = await _guest_sh(
             qga,
             "echo 3 > /proc/sys/vm/drop_caches;"
             " md5sum /mnt/vda/p; head -c 16 /mnt/vda/p | od -An -tx1",
@@ -602,21 +600,21 @@ def test_raw_drive_with_a_booted_guest(corpus_dir: Path) -> None:
     with ForeignVM(config, corpus_dir / "qemu.log") as vm:
         state = corpus_dir / "state"
         _wait_ready(serial, 0)
-        write(P1)
-        assert read() == "0x11"
+        await write(P1)
+        assert await read() == "0x11"
         cli("--qmp", vm.qmp, "create", "e1", "--memory-file", corpus_dir / "e1.mem", state=state)
-        write(P2)
+        await write(P2)
         cli("--qmp", vm.qmp, "create", "d1", "--disk-only", state=state)
-        write(P3)
-        assert read() == "0x33"
+        await write(P3)
+        assert await read() == "0x33"
         cli("--qmp", vm.qmp, "revert", "e1", state=state)
-        assert read() == "0x11", "the guest reads the overlay, not its disk, after revert e1"
+        assert await read() == "0x11", "the guest reads the overlay, not its disk, after revert e1"
         booted = serial.stat().st_size
         cli("--qmp", vm.qmp, "revert", "d1", "--force", state=state)
         _wait_ready(serial, booted)
-        assert read() == "0x22", "after revert d1 (a fresh boot on the reverted disk)"
-        write(P4)
-        assert read() == "0x44"
+        assert await read() == "0x22", "after revert d1 (a fresh boot on the reverted disk)"
+        await write(P4)
+        assert await read() == "0x44"
         for snap in ("d1", "e1"):
             cli("--qmp", vm.qmp, "delete", snap, state=state)
-        assert read() == "0x44"
+        assert await read() == "0x44"
