@@ -12,7 +12,6 @@ it is skipped, unless ``QEMUSNAP_UPGRADE_VERSIONS`` names the versions that must
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -61,19 +60,20 @@ def host_qemu() -> str:
     return found.group(1)
 
 
-def test_checkpoint_restores_after_qemu_upgrade() -> None:
+@pytest.mark.asyncio
+async def test_checkpoint_restores_after_qemu_upgrade() -> None:
     versions = newer_versions()
     made_on = host_qemu()
     versions = [v for v in versions if not made_on.startswith(v + ".")]
     # Under the repository's .cache: the chroots see it at the same path (not /tmp).
     directory = Path(tempfile.mkdtemp(prefix="qs-up-", dir=ROOT / ".cache"))
     try:
-        run(directory, made_on, versions)
+        await run(directory, made_on, versions)
     finally:
         shutil.rmtree(directory, ignore_errors=True)
 
 
-def run(directory: Path, made_on: str, versions: list[str]) -> None:
+async def run(directory: Path, made_on: str, versions: list[str]) -> None:
     disks = make_disks(directory, ["vda"])
     config = attrs.evolve(guest_config(directory, disks), qmp_socket=str(directory / "qmp.sock"))
     assert config.machine_type == "q35"  # the alias: the point of this test
@@ -81,14 +81,14 @@ def run(directory: Path, made_on: str, versions: list[str]) -> None:
     memory = directory / "c1.mem"
     serial = Serial(directory / "serial.log")
     with ForeignVM(config, directory / "qemu.log") as vm:
-        asyncio.run(serial.wait_for(b"qemusnap-guest ready"))
-        asyncio.run(serial.wait_counter_at_least(2))
-        asyncio.run(guest_sh(directory, "echo before > /mnt/vda/f; sync"))
+        await serial.wait_for(b"qemusnap-guest ready")
+        await serial.wait_counter_at_least(2)
+        await guest_sh(directory, "echo before > /mnt/vda/f; sync")
         before = serial.last_counter()
         cli("--qmp", vm.qmp, "create", "c1", "--memory-file", memory, state=state)
         after = serial.last_counter()
         info = cli_json("--qmp", vm.qmp, "info", "c1", state=state)
-        asyncio.run(guest_sh(directory, "echo after > /mnt/vda/f; sync"))
+        await guest_sh(directory, "echo after > /mnt/vda/f; sync")
     major_minor = ".".join(made_on.split(".")[:2])
     assert info["machine_type"] == f"pc-q35-{major_minor}", info
     assert info["memory_format"] in ("stream", "mapped-ram"), info
