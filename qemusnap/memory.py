@@ -315,6 +315,21 @@ def _remove_if_same(path: str, made: os.stat_result) -> None:
             os.unlink(path)
 
 
+async def plain_vmstate(monitor: Monitor) -> None:
+    """Clear what a memory file left set for the next ``snapshot-save``/``snapshot-load``.
+
+    Migration capabilities stick in a QEMU process, and these jobs write the vmstate through the
+    migration code: QEMU 10.0 segfaults in ``snapshot-save`` while ``mapped-ram``/``multifd``
+    are still on from a checkpoint taken before (observed).  Only what is on is cleared."""
+    sticky = {
+        str(cap["capability"]): False
+        for cap in await monitor.execute("query-migrate-capabilities")
+        if cap["state"] and cap["capability"] in ("mapped-ram", "multifd")
+    }
+    if sticky:
+        await _set_capabilities(monitor, sticky)
+
+
 async def _set_capabilities(monitor: Monitor, capabilities: dict[str, bool]) -> None:
     await monitor.execute(
         "migrate-set-capabilities",

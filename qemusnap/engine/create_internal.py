@@ -19,6 +19,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from ..errors import SnapshotExistsError, UnsupportedError
+from ..memory import plain_vmstate
 from ..models import Disk, MemoryKind, Snapshot, SnapshotKind, VMState
 from .context import DEFAULT_TIMEOUT, Context, job_id
 from .journal import Journal, journaled, recovers
@@ -88,6 +89,7 @@ async def create_internal(
         elif with_memory:
             # snapshot-save stops the vCPUs for the whole RAM write and restarts them only
             # if they were running: a VM the user had paused stays paused.
+            await plain_vmstate(ctx.monitor)
             await ctx.monitor.run_job(
                 "snapshot-save",
                 {"tag": name, "vmstate": nodes[0], "devices": nodes},

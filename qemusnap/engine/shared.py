@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Iterable, Sequence
 from .. import agent as agent_mod
 from ..capabilities import machine_option
 from ..errors import CommandError, DiskNotFoundError, ImageInUseError
+from ..memory import plain_vmstate
 from ..models import (
     Consistency,
     Disk,
@@ -245,6 +246,7 @@ async def load_internal(ctx: Context, name: str, holders: Sequence[str]) -> None
     # snapshot-load pauses the vCPUs while loading and restarts them only if they were
     # running: the caller settles the final run state.
     nodes = {d.file: d.node_name for d in await disks(ctx)}
+    await plain_vmstate(ctx.monitor)
     await ctx.monitor.run_job(
         "snapshot-load",
         {"tag": name, "vmstate": nodes[holders[0]], "devices": [nodes[h] for h in holders]},
