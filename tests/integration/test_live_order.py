@@ -145,8 +145,10 @@ async def _guest_runs_while_writing(monitor: object, log: Path) -> bool:
 
 
 def _restarted(values: list[int]) -> int | None:
-    """The tick the restored guest printed first: where the sequence goes back."""
-    for before, after in itertools.pairwise(values):
+    """The tick the restored guest printed first: where the sequence goes back.  Read from the
+    line after it, since that first line may be garbled: the old QEMU can quit mid-line, and
+    the restored guest's first bytes then finish the old one's cut line in the same log."""
+    for i, (before, after) in enumerate(itertools.pairwise(values)):
         if after <= before:
-            return after
+            return values[i + 2] - 1 if i + 2 < len(values) else None
     return None
