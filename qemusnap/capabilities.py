@@ -71,6 +71,9 @@ class MemoryMechanism:
 
 #: Where mapped-ram would be chosen but the user (or a measurement) says otherwise.
 DEFAULT_MULTIFD_CHANNELS = 4
+#: Migration capabilities that change how the vmstate is written: a memory file may leave them
+#: on (they stick in a QEMU process), and ``snapshot-save``/``-load`` must run without them.
+FILE_FORMAT_CAPABILITIES = ("mapped-ram", "multifd")
 
 
 @attrs.frozen

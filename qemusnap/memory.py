@@ -20,7 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any, Protocol
 
-from .capabilities import MemoryFormat, MemoryMechanism, Transport
+from .capabilities import FILE_FORMAT_CAPABILITIES, MemoryFormat, MemoryMechanism, Transport
 from .errors import MemoryFileError, OperationTimeout, TargetExistsError
 from .monitor import Monitor
 
@@ -324,7 +324,7 @@ async def plain_vmstate(monitor: Monitor) -> None:
     sticky = {
         str(cap["capability"]): False
         for cap in await monitor.execute("query-migrate-capabilities")
-        if cap["state"] and cap["capability"] in ("mapped-ram", "multifd")
+        if cap["state"] and cap["capability"] in FILE_FORMAT_CAPABILITIES
     }
     if sticky:
         await _set_capabilities(monitor, sticky)
