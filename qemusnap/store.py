@@ -120,6 +120,10 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 
 
+#: ``Store.sync_sidecars``: the sidecars of every snapshot of a VM, not of some.
+ALL_SNAPSHOTS = None
+
+
 def default_state_dir() -> Path:
     """``$QEMUSNAP_STATE``, else ``$XDG_STATE_HOME/qemusnap``, else ``~/.local/state/qemusnap``."""
     if env := os.environ.get("QEMUSNAP_STATE"):
@@ -180,8 +184,9 @@ class Store:
             self._db.executescript(_SCHEMA)
             self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
-            #: VMs whose sidecar files must be brought in line after the current transaction.
-            self._dirty: set[int] = set()
+            #: Sidecars to bring in line after the current transaction: per VM, the names of
+            #: the snapshots whose sidecar may have changed, or ALL_SNAPSHOTS.
+            self._dirty: dict[int, set[str] | None] = {}
             self._syncing = False
         except (OSError, sqlite3.Error) as exc:
             raise StoreError(f"state directory {self.directory} is unusable: {exc}") from exc
@@ -335,10 +340,10 @@ class Store:
         """Take over the identity a rebuilt VM had (its sidecars name it)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET uid=? WHERE id=?", (uid, vm_id))
-            self._dirty.add(vm_id)
+            self._changed(vm_id, ALL_SNAPSHOTS)  # the uid names every sidecar file
 
     def _write_disks(self, db: sqlite3.Connection, vm_id: int, disks: Iterable[DiskRecord]) -> None:
-        self._dirty.add(vm_id)
+        self._vm_record_changed(vm_id)
         db.execute("DELETE FROM disks WHERE vm_id=?", (vm_id,))
         for position, disk in enumerate(disks):
             db.execute(
@@ -358,10 +363,10 @@ class Store:
         launch: dict[str, Any] | None = None,
     ) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
             if qmp_socket is not None:
                 db.execute("UPDATE vms SET qmp_socket=? WHERE id=?", (qmp_socket, vm_id))
             if launch is not None:
+                self._vm_record_changed(vm_id)
                 db.execute("UPDATE vms SET launch=? WHERE id=?", (json.dumps(launch), vm_id))
 
     def set_saved(self, vm_id: int, saved: dict[str, Any] | None) -> None:
@@ -371,7 +376,7 @@ class Store:
 
     def set_current(self, vm_id: int, name: str | None) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._changed(vm_id, {self._current(vm_id), name})
             db.execute("UPDATE vms SET current=? WHERE id=?", (name, vm_id))
 
     def memory_dir(self, vm_id: int) -> Path:
@@ -410,6 +415,12 @@ class Store:
                 files.add(row["memory_file"])
         return files
 
+    def memory_files(self, vm_id: int) -> set[str]:
+        rows = self._db.execute(
+            "SELECT memory_file FROM snapshots WHERE vm_id=? AND memory_file IS NOT NULL", (vm_id,)
+        )
+        return {row[0] for row in rows}
+
     def has_snapshot(self, vm_id: int, name: str) -> bool:
         row = self._db.execute(
             "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
@@ -418,7 +429,7 @@ class Store:
 
     def add_snapshot(self, vm_id: int, snap: Snapshot, *, make_current: bool = True) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._changed(vm_id, {snap.name, self._current(vm_id) if make_current else None})
             if db.execute(
                 "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
             ).fetchone():
@@ -458,7 +469,7 @@ class Store:
         """Drop snapshots; ``reparent`` maps surviving children to their new parent."""
         names = list(names)
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._changed(vm_id, {*names, *reparent, self._current(vm_id)})
             for child, parent in reparent.items():
                 db.execute(
                     "UPDATE snapshots SET parent=? WHERE vm_id=? AND name=?", (parent, vm_id, child)
@@ -479,11 +490,12 @@ class Store:
                             (vm_id, current),
                         ).fetchone()
                         current = up[0] if up else None
+            self._changed(vm_id, {current})
             db.execute("UPDATE vms SET current=? WHERE id=?", (current, vm_id))
 
     def update_snapshot_disks(self, vm_id: int, name: str, disks: Iterable[DiskSnapshot]) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._changed(vm_id, {name})
             db.execute(
                 "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                 (json.dumps([d.to_json() for d in disks]), vm_id, name),
@@ -493,7 +505,7 @@ class Store:
         """Whatever referred to image ``old`` (a snapshot's disk, an active disk) now refers to
         ``new`` (after ``old`` was committed into ``new``)."""
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._vm_record_changed(vm_id)
             db.execute("UPDATE disks SET file=? WHERE vm_id=? AND file=?", (new, vm_id, old))
             rows = db.execute(
                 "SELECT name, disks FROM snapshots WHERE vm_id=?", (vm_id,)
@@ -504,6 +516,7 @@ class Store:
                     for d in disks:
                         if d.get("file") == old:
                             d["file"] = new
+                    self._changed(vm_id, {row["name"]})
                     db.execute(
                         "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                         (json.dumps(disks), vm_id, row["name"]),
@@ -533,7 +546,7 @@ class Store:
 
     def add_file(self, vm_id: int, path: str, *, owned: bool, role: str) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._vm_record_changed(vm_id)
             db.execute(
                 "INSERT OR REPLACE INTO files (vm_id, path, owned, role) VALUES (?,?,?,?)",
                 (vm_id, path, int(owned), role),
@@ -571,7 +584,7 @@ class Store:
 
     def forget_file(self, vm_id: int, path: str) -> None:
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._vm_record_changed(vm_id)
             db.execute("DELETE FROM files WHERE vm_id=? AND path=?", (vm_id, path))
 
     def replace_snapshots(
@@ -580,7 +593,7 @@ class Store:
         """Make ``snapshots`` (in creation order; ``current`` set on at most one) the VM's whole
         tree, in one transaction: interrupted, the store keeps what it had (``rebuild``)."""
         with self._tx() as db:
-            self._dirty.add(vm_id)
+            self._changed(vm_id, ALL_SNAPSHOTS)
             db.execute("DELETE FROM snapshots WHERE vm_id=?", (vm_id,))
             db.execute("UPDATE vms SET current=NULL WHERE id=?", (vm_id,))
             for number, snap in enumerate(snapshots):
@@ -592,16 +605,50 @@ class Store:
 
     # --- sidecars (see sidecar.py) --------------------------------------------------------
 
-    def sidecar_document(self, vm_id: int, snap: Snapshot) -> dict[str, Any]:
-        """What the sidecar of ``snap`` says: the snapshot, its place, and the VM's record."""
-        vm = self.vm(vm_id)
-        seq = self._db.execute(
-            "SELECT seq FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
-        ).fetchone()
-        return {
-            "snapshot": snap.to_json(),
-            "seq": seq[0] if seq else 0,
-            "vm": {
+    def _current(self, vm_id: int) -> str | None:
+        row = self._db.execute("SELECT current FROM vms WHERE id=?", (vm_id,)).fetchone()
+        return row[0] if row else None
+
+    def _changed(self, vm_id: int, names: set[str | None] | None) -> None:
+        """Note that the sidecars of ``names`` (None among them aside), or of every snapshot
+        (ALL_SNAPSHOTS), may have changed in this transaction."""
+        if names is ALL_SNAPSHOTS:
+            self._dirty[vm_id] = ALL_SNAPSHOTS
+            return
+        pending = self._dirty.setdefault(vm_id, set())
+        if pending is not ALL_SNAPSHOTS:
+            pending.update(name for name in names if name is not None)
+
+    def _vm_record_changed(self, vm_id: int) -> None:
+        # The current snapshot's sidecar carries the VM's record (disks, files, command line).
+        self._changed(vm_id, {self._current(vm_id)})
+
+    def sidecar_paths(self, vm_id: int) -> dict[str, str]:
+        """Snapshot name -> where its sidecar was last written."""
+        rows = self._db.execute("SELECT name, path FROM sidecars WHERE vm_id=?", (vm_id,))
+        return {row["name"]: row["path"] for row in rows}
+
+    def _mirror(self) -> None:
+        """After a transaction: bring the sidecars it may have changed in line."""
+        if self._syncing or self._depth:
+            return
+        while self._dirty:
+            vm_id, names = self._dirty.popitem()
+            self.sync_sidecars(vm_id, names)
+
+    def sync_sidecars(self, vm_id: int, names: Iterable[str] | None = ALL_SNAPSHOTS) -> list[str]:
+        """Write the sidecar of each of ``names`` (default: every snapshot of the VM) whose
+        content changed, remove those of snapshots that are gone.  A sidecar that cannot be
+        written (a read-only image directory) is logged and skipped: the store still has it,
+        and ``check`` reports it.  Returns the problems met.
+
+        Only the snapshots an operation touched are looked at: building every snapshot's
+        document after each transaction cost 145 ms at 1,000 snapshots."""
+        problems: list[str] = []
+        self._syncing = True
+        try:
+            vm = self.vm(vm_id)
+            record = {
                 "uid": vm.uid,
                 "name": vm.name,
                 "disks": [attrs.asdict(d) for d in vm.disks],
@@ -610,64 +657,60 @@ class Store:
                     [path, owned, role]
                     for path, (owned, role) in sorted(self.file_roles(vm_id).items())
                 ],
-            },
-            "written": time.time_ns(),
-        }
-
-    def sidecar_paths(self, vm_id: int) -> dict[str, str]:
-        """Snapshot name -> where its sidecar was last written."""
-        rows = self._db.execute("SELECT name, path FROM sidecars WHERE vm_id=?", (vm_id,))
-        return {row["name"]: row["path"] for row in rows}
-
-    def _mirror(self) -> None:
-        """After a transaction: bring the sidecars of the VMs it changed in line."""
-        if self._syncing or self._depth:
-            return
-        while self._dirty:
-            self.sync_sidecars(self._dirty.pop())
-
-    def sync_sidecars(self, vm_id: int) -> list[str]:
-        """Write the sidecar of every snapshot of the VM whose content changed, remove those of
-        snapshots that are gone.  A sidecar that cannot be written (a read-only image
-        directory) is logged and skipped: the store still has it, and ``check`` reports it.
-        Returns the problems met."""
-        problems: list[str] = []
-        self._syncing = True
-        try:
-            vm = self.vm(vm_id)
+            }
             recorded = self.sidecar_paths(vm_id)
+            if names is ALL_SNAPSHOTS:
+                rows = self._db.execute(
+                    "SELECT * FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,)
+                ).fetchall()
+                considered = set(recorded)
+            else:
+                considered = set(names)
+                rows = [
+                    row
+                    for name in sorted(considered)
+                    if (
+                        row := self._db.execute(
+                            "SELECT * FROM snapshots WHERE vm_id=? AND name=?", (vm_id, name)
+                        ).fetchone()
+                    )
+                ]
             wanted: dict[str, str] = {}
-            for snap in self.snapshots(vm_id):
+            for row in rows:
+                snap = _snapshot_from_row(row, vm.current)
+                considered.add(snap.name)
                 anchor = sidecar_anchor(snap)
                 if anchor is None or not os.path.exists(anchor):
                     continue  # its data is gone: nothing to describe beside it
                 path = sidecar.path_for(anchor, vm.uid, snap.name)
+                document = {
+                    "snapshot": snap.to_json(),
+                    "seq": row["seq"],
+                    "vm": record,
+                    "written": time.time_ns(),
+                }
                 try:
-                    # The VM's record (disks, files, command line) changes with most
-                    # operations: rewriting every sidecar each time would cost two fsyncs per
-                    # snapshot.  The current snapshot's sidecar always carries the latest one
-                    # (and any sidecar written for its own sake a newer one than before);
-                    # rebuild takes the record of the sidecar written last.
-                    sidecar.write(
-                        path,
-                        self.sidecar_document(vm_id, snap),
-                        ignore=() if snap.current else ("vm",),
-                    )
+                    # The VM's record changes with most operations: rewriting every sidecar
+                    # each time would cost two fsyncs per snapshot.  The current snapshot's
+                    # sidecar always carries the latest one (and any sidecar written for its
+                    # own sake a newer one than before); rebuild takes the record of the
+                    # sidecar written last.
+                    sidecar.write(path, document, ignore=() if snap.current else ("vm",))
                 except OSError as exc:
                     problems.append(f"cannot write the sidecar of {snap.name} ({path}): {exc}")
                     log.warning("%s", problems[-1])
                     continue
                 wanted[snap.name] = path
-            for name, path in recorded.items():
-                if wanted.get(name) != path:
-                    sidecar.remove(path)
+            for name in considered:
+                if name in recorded and wanted.get(name) != recorded[name]:
+                    sidecar.remove(recorded[name])
             with self._tx() as db:
-                db.execute("DELETE FROM sidecars WHERE vm_id=?", (vm_id,))
-                for name, path in wanted.items():
-                    db.execute(
-                        "INSERT INTO sidecars (vm_id, name, path) VALUES (?,?,?)",
-                        (vm_id, name, path),
-                    )
+                for name in considered:
+                    db.execute("DELETE FROM sidecars WHERE vm_id=? AND name=?", (vm_id, name))
+                db.executemany(
+                    "INSERT INTO sidecars (vm_id, name, path) VALUES (?,?,?)",
+                    [(vm_id, name, path) for name, path in wanted.items()],
+                )
         finally:
             self._syncing = False
         return problems

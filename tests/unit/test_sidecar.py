@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import attrs
+import pytest
 
 from qemusnap import sidecar
 from qemusnap.models import (
@@ -104,6 +105,56 @@ def test_unchanged_sidecars_are_not_rewritten(tmp_path: Path) -> None:
         inode = path.stat().st_ino
         store.set_current(vm.id, "s1")  # already current: same content
         assert path.stat().st_ino == inode
+
+
+def test_each_change_brings_in_line_exactly_the_sidecars_it_touched(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After every store change only the touched snapshots' sidecars are looked at (a thousand
+    snapshots must not cost a thousand reads per operation), and a full sync afterwards finds
+    nothing left to write or remove."""
+    images = tmp_path / "images"
+    images.mkdir()
+    disk, moved = images / "a.qcow2", images / "b.qcow2"
+    disk.write_bytes(b"")
+    moved.write_bytes(b"")
+    looked_at: list[str] = []
+    read = sidecar.read
+
+    def counting_read(path: str) -> dict[str, object] | None:
+        looked_at.append(path)
+        return read(path)
+
+    monkeypatch.setattr(sidecar, "read", counting_read)
+    with Store(tmp_path / "state") as store:
+        vm = store.add_vm("a", [DiskRecord("vda", str(disk), "qcow2")], [str(disk)])
+        for number in range(40):
+            store.add_snapshot(
+                vm.id, snap(f"s{number}", f"s{number - 1}" if number else None, disk)
+            )
+        changes = [
+            lambda: store.add_snapshot(vm.id, snap("new", "s39", disk)),
+            lambda: store.set_current(vm.id, "s10"),
+            lambda: store.remove_snapshots(vm.id, ["s20"], {"s21": "s19"}),
+            lambda: store.remove_snapshots(vm.id, ["s10"], {"s11": "s9"}),  # the current one
+            lambda: store.update_snapshot_disks(
+                vm.id, "s5", [DiskSnapshot("vda", DiskSnapshotKind.INTERNAL, str(moved))]
+            ),
+            lambda: store.add_file(vm.id, str(moved), owned=True, role="overlay"),
+            lambda: store.set_vm_info(vm.id, launch={"argv": ["qemu-system-x86_64"]}),
+            lambda: store.set_disks(vm.id, [DiskRecord("vda", str(moved), "qcow2")]),
+            lambda: store.rename_references(vm.id, str(moved), str(disk)),
+            lambda: store.set_current(vm.id, None),
+        ]
+        for change in changes:
+            looked_at.clear()
+            change()
+            assert len(looked_at) <= 4, looked_at
+            before = {p.name: p.read_bytes() for p in (images / sidecar.DIRNAME).iterdir()}
+            assert store.sync_sidecars(vm.id) == []
+            after = {p.name: p.read_bytes() for p in (images / sidecar.DIRNAME).iterdir()}
+            assert after == before
+        assert set(sidecars(images)) == {s.name for s in store.snapshots(vm.id)}
 
 
 def test_a_sidecar_that_cannot_be_written_does_not_fail_the_store(tmp_path: Path) -> None:
