@@ -13,7 +13,7 @@ from typing import Any
 import attrs
 
 from ..errors import CommandError, OperationError
-from ..models import Disk, DiskSnapshotKind, Snapshot
+from ..models import Disk, DiskSnapshotKind, ImageInfo, Snapshot
 from ..plan import Commit, ImageGraph, Pull, Rebind, Remove, Step, dead_images, plan_merge_away
 from .context import DEFAULT_TIMEOUT, Context, job_id
 from .shared import disks as current_disks
@@ -47,27 +47,25 @@ async def image_graph(ctx: Context) -> tuple[dict[str, str | None], set[str]]:
     hold internal snapshots."""
     roles = ctx.store.owned_files(ctx.record.id)
     not_images = {p for p, role in roles.items() if role != "overlay"}
-    not_images |= {s.memory_file for s in ctx.store.snapshots(ctx.record.id) if s.memory_file}
+    not_images |= ctx.store.memory_files(ctx.record.id)
     saved = ctx.store.vm(ctx.record.id).saved
     if saved:
         not_images.add(saved["file"])
     known = set(ctx.store.files(ctx.record.id)) | referenced_files(ctx)
     known -= not_images
+    images: dict[str, ImageInfo] = {}
     for disk in await current_disks(ctx):
         chain = await ctx.qemu_img.chain(disk.name, disk.file, force_share=True)
-        known.update(image.filename for image in chain.images)
-    graph: dict[str, str | None] = {}
-    holds_internal: set[str] = set()
-    for path in sorted(known):
+        images.update((image.filename, image) for image in chain.images)
+    for path in sorted(known - images.keys()):
         if not os.path.exists(path):
             continue
         try:
-            (info,) = await ctx.qemu_img.info(path, backing_chain=False, force_share=True)
+            (images[path],) = await ctx.qemu_img.info(path, backing_chain=False, force_share=True)
         except OperationError:
             continue  # not an image (a memory file, a saved state)
-        graph[path] = info.backing_filename
-        if info.snapshots:
-            holds_internal.add(path)
+    graph = {path: info.backing_filename for path, info in images.items()}
+    holds_internal = {path for path, info in images.items() if info.snapshots}
     return graph, holds_internal
 
 

@@ -334,6 +334,45 @@ async def test_create_never_overwrites(img: QemuImg, short_tmp: Path) -> None:
 
 
 @pytest.mark.asyncio
+async def test_overlays_are_made_without_opening_the_chain_below(
+    img: QemuImg, short_tmp: Path, chain: dict[str, Path]
+) -> None:
+    """An overlay is created with ``-u`` and its backing file's size (qemu-img create -b would
+    open the whole chain below): it must be the overlay qemu-img itself makes, over a qcow2,
+    over a raw file of an odd size, through a relative name, and over an image a QEMU holds."""
+    raw = short_tmp / "odd.raw"
+    raw.write_bytes(b"\x5a" * (3 * MiB + 512))
+    cases = [
+        ("over-top.qcow2", str(chain["top"]), "qcow2"),
+        ("over-raw.qcow2", str(raw), "raw"),
+        ("over-relative.qcow2", "mid.qcow2", "qcow2"),
+    ]
+    for name, backing, fmt in cases:
+        ours, theirs = short_tmp / name, short_tmp / f"reference-{name}"
+        await img.create(ours, backing=backing, backing_fmt=fmt)
+        qemu_img("create", "-q", "-f", "qcow2", "-b", backing, "-F", fmt, str(theirs))
+        (mine,) = await img.info(ours, backing_chain=False)
+        (reference,) = await img.info(theirs, backing_chain=False)
+        assert (mine.virtual_size, mine.backing_format) == (
+            reference.virtual_size,
+            reference.backing_format,
+        )
+        assert mine.backing_filename == reference.backing_filename
+        qemu_img("check", str(ours))
+    # The image below reads through the new overlay exactly as before.
+    io = QemuIo(timeout=60)
+    assert await io.verify_pattern(short_tmp / "over-top.qcow2", 0x33, 2 * MiB, MiB, fmt="qcow2")
+    assert await io.verify_pattern(short_tmp / "over-raw.qcow2", 0x5A, 3 * MiB, 512, fmt="qcow2")
+    with qemu_holding(chain["top"], short_tmp / "qemu.log"):
+        await img.create(short_tmp / "live.qcow2", backing=str(chain["top"]), backing_fmt="qcow2")
+    assert (await img.info(short_tmp / "live.qcow2"))[0].virtual_size == SIZE
+    # A missing backing file is still refused (-u alone would not check it).
+    with pytest.raises(DiskNotFoundError):
+        await img.create(short_tmp / "orphan.qcow2", backing=str(short_tmp / "nothing.qcow2"))
+    assert not (short_tmp / "orphan.qcow2").exists()
+
+
+@pytest.mark.asyncio
 async def test_create_mode(img: QemuImg, short_tmp: Path) -> None:
     old = os.umask(0)  # the mode must not depend on the umask
     try:
