@@ -10,7 +10,7 @@ one 64 MiB qcow2 disk:
 * external: a backing chain 16, 64 and 256 images deep (``create --disk-only``); at each depth
   ``create --disk-only``, ``delete`` of that newest snapshot (a commit of the empty overlay),
   ``revert`` to the previous one (a new overlay), and ``check`` of the whole chain, beside the
-  raw ``qemu-img create``/``commit``/``check`` for the same step.
+  raw ``qemu-img create -u``/``commit``/``check`` for the same step.
 
 Every figure is the median of ``--repeat`` runs, in milliseconds.  "overhead" is qemusnap's
 time minus the raw command's: what qemusnap adds (process starts of its probes, the state
@@ -171,7 +171,9 @@ async def external(
                         active,
                         "-F",
                         "qcow2",
+                        "-u",  # as qemusnap makes an overlay: without opening the chain
                         str(spare),
+                        SIZE,
                     )
                 )
                 raw_commit.append(_raw("qemu-img", "commit", "-q", str(spare)))
@@ -183,9 +185,9 @@ async def external(
                 check.append(await _timed(vm.check))
                 raw_check.append(_raw_check_each((await vm.chains())[0]))
             rows += [
-                _row("create --disk-only", depth, create, raw_create, "qemu-img create -b"),
+                _row("create --disk-only", depth, create, raw_create, "qemu-img create -u -b"),
                 _row("delete newest (commit)", depth, delete, raw_commit, "qemu-img commit"),
-                _row("revert (new overlay)", depth, revert, raw_create, "qemu-img create -b"),
+                _row("revert (new overlay)", depth, revert, raw_create, "qemu-img create -u -b"),
                 _row("check (whole chain)", depth, check, raw_check, "qemu-img check, each image"),
             ]
     return rows
