@@ -540,8 +540,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("qemusnap: interrupted", file=sys.stderr)
         return 130
-    if args.json:
-        print(json.dumps(document, indent=2))
-    elif text:
-        print(text)
+    try:
+        if args.json:
+            print(json.dumps(document, indent=2))
+        elif text:
+            print(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # `qemusnap list --json | head`: the reader left; the operation itself is done.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no error at exit
     return 0

@@ -193,6 +193,29 @@ def test_cli_internal_lifecycle_and_bad_input(short_tmp: Path) -> None:
 
 @pytest.mark.qemu_system
 @pytest.mark.qemu_img
+def test_a_reader_that_leaves_early_is_no_error(short_tmp: Path) -> None:
+    """`qemusnap --json list | head -1`: the pipe closes before qemusnap writes; the snapshot
+    work is done, so no traceback and exit 0."""
+    disk = short_tmp / "a.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "1M"], check=True)
+    state = short_tmp / "state"
+    run("--disk", disk, "create", "s1", state=state)
+    reader, writer = os.pipe()
+    os.close(reader)  # gone before qemusnap writes: its first write meets EPIPE
+    try:
+        done = subprocess.run(
+            [*QEMUSNAP, "--state", str(state), "--disk", str(disk), "--json", "list"],
+            stdout=writer,
+            stderr=subprocess.PIPE,
+            text=True,
+            timeout=120,
+            stdin=subprocess.DEVNULL,
+        )
+    finally:
+        os.close(writer)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+
+
 def test_cold_mode_refuses_image_in_use(
     foreign_qemu: Path, chain3: list[Path], short_tmp: Path
 ) -> None:
