@@ -192,11 +192,19 @@ class Store:
             raise StoreError(f"state directory {self.directory} is unusable: {exc}") from exc
 
     def _migrate(self) -> None:
-        for table, column, declaration in _ADDED_COLUMNS:
-            present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
-            if column not in present:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
-        self._db.execute("UPDATE vms SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
+        # One write transaction: two processes opening an old state directory at once must not
+        # both add a column (the second ALTER TABLE would fail with "duplicate column").
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            for table, column, declaration in _ADDED_COLUMNS:
+                present = {row[1] for row in self._db.execute(f"PRAGMA table_info({table})")}
+                if column not in present:
+                    self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {declaration}")
+            self._db.execute("UPDATE vms SET uid=lower(hex(randomblob(8))) WHERE uid IS NULL")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+        self._db.execute("COMMIT")
 
     def close(self) -> None:
         self._db.close()

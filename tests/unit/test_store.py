@@ -1,6 +1,8 @@
 from __future__ import annotations
 
+import multiprocessing
 import os
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ from qemusnap.models import (
     SnapshotKind,
     VMState,
 )
-from qemusnap.store import DiskRecord, Store, VMLock
+from qemusnap.store import _ADDED_COLUMNS, DiskRecord, Store, VMLock
 
 
 def snap(name: str, parent: str | None) -> Snapshot:
@@ -103,3 +105,25 @@ def test_state_files_are_private(tmp_path: Path) -> None:
     assert (tmp_path / "state" / "qemusnap.db").stat().st_mode & 0o777 == 0o600
     for path in (memory, memory.parent, memory.parent.parent):
         assert path.stat().st_mode & 0o777 == 0o700, path
+
+
+def _open_and_list(directory: str) -> int:
+    with Store(directory) as store:
+        return len(store.vms())
+
+
+def test_an_old_state_directory_opened_by_many_processes_at_once(tmp_path: Path) -> None:
+    """A state directory written before columns were added gains them once, whoever opens it
+    first; the others wait for that transaction instead of adding them again."""
+    with Store(tmp_path) as store:
+        store.add_vm("a", [DiskRecord("vda", "/images/a.qcow2", "qcow2")], [])
+    db = sqlite3.connect(tmp_path / "qemusnap.db")
+    for table, column, _ in _ADDED_COLUMNS:
+        db.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+    db.commit()
+    db.close()
+    with multiprocessing.get_context("spawn").Pool(6) as pool:
+        assert pool.map(_open_and_list, [str(tmp_path)] * 6) == [1] * 6
+    with Store(tmp_path) as store:
+        (vm,) = store.vms()
+        assert vm.uid  # given during the migration
