@@ -244,7 +244,6 @@ async def clone(
     os.makedirs(directory, mode=0o700, exist_ok=True)
     # Recorded in the source first: from now on a delete of what the clone reads is refused.
     registry = _write_record(source.store, source.record.id, record)
-    store = Store(record.state_dir)
     data: dict[str, Any] = {
         "name": name,
         "directory": directory,
@@ -254,10 +253,19 @@ async def clone(
         "files": list(new.files),
         "qmp_socket": new.qmp_socket,
     }
-    vm_record = store.add_vm(
-        name, [DiskRecord(d, f, "qcow2") for d, f in overlays.items()], base_files=sorted(uses)
-    )
-    journal = Journal(store, vm_record.id, "clone", data)  # crash point "journaled"
+    store: Store | None = None
+    try:
+        store = Store(record.state_dir)
+        vm_record = store.add_vm(
+            name, [DiskRecord(d, f, "qcow2") for d, f in overlays.items()], base_files=sorted(uses)
+        )
+        journal = Journal(store, vm_record.id, "clone", data)  # crash point "journaled"
+    except BaseException:
+        if store is not None:
+            store.close()
+        await recover_clone(data)  # nothing made yet but the source's record of the clone
+        shutil.rmtree(directory if made_dir else record.state_dir, ignore_errors=True)
+        raise
     monitor: Monitor | None = None
     try:
         for disk, file in frozen.items():

@@ -22,7 +22,7 @@ from guest import Serial, guest_config
 from livevm import check_clean, firmware_config, make_disks, read_cold, read_live, write_live
 
 from qemusnap import VM
-from qemusnap.errors import UnsupportedError
+from qemusnap.errors import StoreError, UnsupportedError
 from qemusnap.machine import pid_alive, wait_pid_exit
 from qemusnap.monitor import Monitor
 from qemusnap.store import Store
@@ -273,3 +273,32 @@ def test_interrupted_clone_is_rolled_back(short_tmp: Path, step: str) -> None:
     finally:
         for pid in _qemus_naming(str(target)):
             os.kill(pid, signal.SIGKILL)
+
+
+@pytest.mark.asyncio
+async def test_a_clone_whose_state_cannot_be_recorded_leaves_nothing(
+    short_tmp: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clone's own state directory fails before anything is made: the source's record of
+    the clone goes again (else its checkpoint could never be deleted), and the target
+    directory with it."""
+    (disk,) = make_disks(short_tmp, ["vda"])
+    config = firmware_config([disk], qmp_socket=str(short_tmp / "src.sock"))
+    state = short_tmp / "state"
+    target = short_tmp / "c"
+    with ForeignVM(config, short_tmp / "qemu.log") as source:
+        cli("--qmp", source.qmp, "create", "cp", "--memory-file", short_tmp / "cp.mem",
+            state=state)  # fmt: skip
+
+        def refuse(*args: object, **kwargs: object) -> None:
+            raise StoreError("state database error: disk I/O error")
+
+        monkeypatch.setattr(Store, "add_vm", refuse)
+        vm = await VM.attach(str(source.qmp), state_dir=state)
+        async with vm:
+            with pytest.raises(StoreError):
+                await vm.clone("cp", str(target))
+        monkeypatch.undo()
+        assert not target.exists()
+        cli("--qmp", source.qmp, "delete", "cp", state=state)  # no clone is said to read it
+        check_clean(disk, in_use=True)
