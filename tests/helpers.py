@@ -8,6 +8,9 @@ tests/conftest.py).
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import mmap
+import os
 import struct
 import subprocess
 import time
@@ -132,3 +135,30 @@ def qemu_holding(image: str | Path, log: str | Path, *, fmt: str = "qcow2") -> I
     finally:
         proc.kill()
         proc.wait(timeout=30)
+
+
+def resident_fraction(path: str | Path) -> float:
+    """How much of a file the host page cache holds (``mincore`` of a private mapping)."""
+    size = os.path.getsize(path)
+    if size == 0:
+        return 0.0
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        mapping = mmap.mmap(fd, size, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+    finally:
+        os.close(fd)
+    try:
+        pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+        vector = (ctypes.c_ubyte * pages)()
+        buffer = (ctypes.c_char * size).from_buffer(mapping)
+        try:
+            if libc.mincore(
+                ctypes.c_void_p(ctypes.addressof(buffer)), ctypes.c_size_t(size), vector
+            ):
+                raise OSError(ctypes.get_errno(), "mincore failed")
+        finally:
+            del buffer
+        return sum(v & 1 for v in vector) / pages
+    finally:
+        mapping.close()
