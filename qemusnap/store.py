@@ -120,10 +120,6 @@ CREATE TABLE IF NOT EXISTS journal (
 """
 
 
-#: ``Store.sync_sidecars``: the sidecars of every snapshot of a VM, not of some.
-ALL_SNAPSHOTS = None
-
-
 def default_state_dir() -> Path:
     """``$QEMUSNAP_STATE``, else ``$XDG_STATE_HOME/qemusnap``, else ``~/.local/state/qemusnap``."""
     if env := os.environ.get("QEMUSNAP_STATE"):
@@ -185,7 +181,7 @@ class Store:
             self._migrate()
             self._db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
             #: Sidecars to bring in line after the current transaction: per VM, the names of
-            #: the snapshots whose sidecar may have changed, or ALL_SNAPSHOTS.
+            #: the snapshots whose sidecar may have changed, or None: all of them.
             self._dirty: dict[int, set[str] | None] = {}
             self._syncing = False
         except (OSError, sqlite3.Error) as exc:
@@ -348,7 +344,7 @@ class Store:
         """Take over the identity a rebuilt VM had (its sidecars name it)."""
         with self._tx() as db:
             db.execute("UPDATE vms SET uid=? WHERE id=?", (uid, vm_id))
-            self._changed(vm_id, ALL_SNAPSHOTS)  # the uid names every sidecar file
+            self._all_changed(vm_id)  # the uid names every sidecar file
 
     def _write_disks(self, db: sqlite3.Connection, vm_id: int, disks: Iterable[DiskRecord]) -> None:
         self._vm_record_changed(vm_id)
@@ -384,7 +380,7 @@ class Store:
 
     def set_current(self, vm_id: int, name: str | None) -> None:
         with self._tx() as db:
-            self._changed(vm_id, {self._current(vm_id), name})
+            self._changed(vm_id, self._current(vm_id), name)
             db.execute("UPDATE vms SET current=? WHERE id=?", (name, vm_id))
 
     def memory_dir(self, vm_id: int) -> Path:
@@ -437,7 +433,7 @@ class Store:
 
     def add_snapshot(self, vm_id: int, snap: Snapshot, *, make_current: bool = True) -> None:
         with self._tx() as db:
-            self._changed(vm_id, {snap.name, self._current(vm_id) if make_current else None})
+            self._changed(vm_id, snap.name, self._current(vm_id) if make_current else None)
             if db.execute(
                 "SELECT 1 FROM snapshots WHERE vm_id=? AND name=?", (vm_id, snap.name)
             ).fetchone():
@@ -477,7 +473,7 @@ class Store:
         """Drop snapshots; ``reparent`` maps surviving children to their new parent."""
         names = list(names)
         with self._tx() as db:
-            self._changed(vm_id, {*names, *reparent, self._current(vm_id)})
+            self._changed(vm_id, *names, *reparent, self._current(vm_id))
             for child, parent in reparent.items():
                 db.execute(
                     "UPDATE snapshots SET parent=? WHERE vm_id=? AND name=?", (parent, vm_id, child)
@@ -498,12 +494,12 @@ class Store:
                             (vm_id, current),
                         ).fetchone()
                         current = up[0] if up else None
-            self._changed(vm_id, {current})
+            self._changed(vm_id, current)
             db.execute("UPDATE vms SET current=? WHERE id=?", (current, vm_id))
 
     def update_snapshot_disks(self, vm_id: int, name: str, disks: Iterable[DiskSnapshot]) -> None:
         with self._tx() as db:
-            self._changed(vm_id, {name})
+            self._changed(vm_id, name)
             db.execute(
                 "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                 (json.dumps([d.to_json() for d in disks]), vm_id, name),
@@ -524,7 +520,7 @@ class Store:
                     for d in disks:
                         if d.get("file") == old:
                             d["file"] = new
-                    self._changed(vm_id, {row["name"]})
+                    self._changed(vm_id, row["name"])
                     db.execute(
                         "UPDATE snapshots SET disks=? WHERE vm_id=? AND name=?",
                         (json.dumps(disks), vm_id, row["name"]),
@@ -601,7 +597,7 @@ class Store:
         """Make ``snapshots`` (in creation order; ``current`` set on at most one) the VM's whole
         tree, in one transaction: interrupted, the store keeps what it had (``rebuild``)."""
         with self._tx() as db:
-            self._changed(vm_id, ALL_SNAPSHOTS)
+            self._all_changed(vm_id)
             db.execute("DELETE FROM snapshots WHERE vm_id=?", (vm_id,))
             db.execute("UPDATE vms SET current=NULL WHERE id=?", (vm_id,))
             for number, snap in enumerate(snapshots):
@@ -617,19 +613,18 @@ class Store:
         row = self._db.execute("SELECT current FROM vms WHERE id=?", (vm_id,)).fetchone()
         return row[0] if row else None
 
-    def _changed(self, vm_id: int, names: set[str | None] | None) -> None:
-        """Note that the sidecars of ``names`` (None among them aside), or of every snapshot
-        (ALL_SNAPSHOTS), may have changed in this transaction."""
-        if names is ALL_SNAPSHOTS:
-            self._dirty[vm_id] = ALL_SNAPSHOTS
-            return
+    def _changed(self, vm_id: int, *names: str | None) -> None:
+        """Note that the sidecars of ``names`` (None among them aside) may have changed."""
         pending = self._dirty.setdefault(vm_id, set())
-        if pending is not ALL_SNAPSHOTS:
+        if pending is not None:  # None: all of them already
             pending.update(name for name in names if name is not None)
+
+    def _all_changed(self, vm_id: int) -> None:
+        self._dirty[vm_id] = None
 
     def _vm_record_changed(self, vm_id: int) -> None:
         # The current snapshot's sidecar carries the VM's record (disks, files, command line).
-        self._changed(vm_id, {self._current(vm_id)})
+        self._changed(vm_id, self._current(vm_id))
 
     def sidecar_paths(self, vm_id: int) -> dict[str, str]:
         """Snapshot name -> where its sidecar was last written."""
@@ -644,7 +639,7 @@ class Store:
             vm_id, names = self._dirty.popitem()
             self.sync_sidecars(vm_id, names)
 
-    def sync_sidecars(self, vm_id: int, names: Iterable[str] | None = ALL_SNAPSHOTS) -> list[str]:
+    def sync_sidecars(self, vm_id: int, names: Iterable[str] | None = None) -> list[str]:
         """Write the sidecar of each of ``names`` (default: every snapshot of the VM) whose
         content changed, remove those of snapshots that are gone.  A sidecar that cannot be
         written (a read-only image directory) is logged and skipped: the store still has it,
@@ -667,7 +662,7 @@ class Store:
                 ],
             }
             recorded = self.sidecar_paths(vm_id)
-            if names is ALL_SNAPSHOTS:
+            if names is None:
                 rows = self._db.execute(
                     "SELECT * FROM snapshots WHERE vm_id=? ORDER BY seq", (vm_id,)
                 ).fetchall()
