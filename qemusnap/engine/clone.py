@@ -254,20 +254,14 @@ async def clone(
         "qmp_socket": new.qmp_socket,
     }
     store: Store | None = None
+    journal: Journal | None = None
+    monitor: Monitor | None = None
     try:
         store = Store(record.state_dir)
         vm_record = store.add_vm(
             name, [DiskRecord(d, f, "qcow2") for d, f in overlays.items()], base_files=sorted(uses)
         )
         journal = Journal(store, vm_record.id, "clone", data)  # crash point "journaled"
-    except BaseException:
-        if store is not None:
-            store.close()
-        await recover_clone(data)  # nothing made yet but the source's record of the clone
-        shutil.rmtree(directory if made_dir else record.state_dir, ignore_errors=True)
-        raise
-    monitor: Monitor | None = None
-    try:
         for disk, file in frozen.items():
             await source.qemu_img.create(
                 overlays[disk], backing=file, backing_fmt=formats[disk], owner=source.owner
@@ -307,10 +301,12 @@ async def clone(
             if monitor is not None:
                 with contextlib.suppress(Exception):
                     await monitor.close()
-            await recover_clone(journal.data)
-            store.journal_end(journal.id)
+            await recover_clone(data)  # the journal's data: what was made so far
+            if store is not None and journal is not None:
+                store.journal_end(journal.id)
         finally:
-            store.close()
+            if store is not None:
+                store.close()
         # Only what this clone made is in there (the directory was absent or empty).
         shutil.rmtree(directory if made_dir else record.state_dir, ignore_errors=True)
         raise
