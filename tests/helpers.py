@@ -16,7 +16,17 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
+
+from qemusnap.models import (
+    Consistency,
+    DiskSnapshot,
+    DiskSnapshotKind,
+    MemoryKind,
+    Snapshot,
+    SnapshotKind,
+    VMState,
+)
 
 # Offset fields of the qcow2 header (big-endian), docs/interop/qcow2.txt.
 _CLUSTER_BITS = 20  # u32
@@ -162,3 +172,19 @@ def resident_fraction(path: str | Path) -> float:
         return sum(v & 1 for v in vector) / pages
     finally:
         mapping.close()
+
+
+def make_snapshot(
+    name: str, parent: str | None = None, *, image: str | Path = "/a.qcow2", **fields: Any
+) -> Snapshot:
+    """A store/tree record for tests: an internal, crash-consistent disk-only snapshot of disk
+    ``vda`` in ``image`` of a shut-off VM, unless ``fields`` say otherwise."""
+    values: dict[str, Any] = {
+        "kind": SnapshotKind.INTERNAL,
+        "memory": MemoryKind.NONE,
+        "consistency": Consistency.CRASH,
+        "vm_state": VMState.SHUTOFF,
+        "created": "2026-01-01T00:00:00Z",
+        "disks": (DiskSnapshot("vda", DiskSnapshotKind.INTERNAL, str(image)),),
+    }
+    return Snapshot(name=name, parent=parent, **{**values, **fields})

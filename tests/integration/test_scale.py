@@ -20,18 +20,10 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import qemu_img, qemu_io
+from helpers import make_snapshot, qemu_img, qemu_io
 
 from qemusnap import VM
-from qemusnap.models import (
-    Consistency,
-    DiskSnapshot,
-    DiskSnapshotKind,
-    MemoryKind,
-    Snapshot,
-    SnapshotKind,
-    VMState,
-)
+from qemusnap.models import DiskSnapshot, DiskSnapshotKind
 
 pytestmark = pytest.mark.qemu_img
 
@@ -261,14 +253,9 @@ async def test_a_tree_10000_deep_lists_reverts_and_deletes(short_tmp: Path) -> N
                     qemu_img("snapshot", "-c", name, disk)
                 vm.store.add_snapshot(
                     vm.record.id,
-                    Snapshot(
-                        name=name,
-                        parent=f"s{i - 1}" if i else None,
-                        kind=SnapshotKind.INTERNAL,
-                        memory=MemoryKind.NONE,
-                        consistency=Consistency.CRASH,
-                        vm_state=VMState.SHUTOFF,
-                        created="2026-01-01T00:00:00Z",
+                    make_snapshot(
+                        name,
+                        f"s{i - 1}" if i else None,
                         disks=(DiskSnapshot("disk", DiskSnapshotKind.INTERNAL, str(disk)),),
                     ),
                 )

@@ -15,6 +15,7 @@ from typing import Any
 
 import attrs
 import pytest
+from helpers import make_snapshot
 
 from qemusnap.capabilities import (
     Capabilities,
@@ -170,14 +171,12 @@ def test_machine_type_pinning() -> None:
 
 
 def checkpoint(name: str, **kwargs: Any) -> Snapshot:
-    return Snapshot(
-        name=name,
-        parent=None,
+    return make_snapshot(
+        name,
         kind=SnapshotKind.EXTERNAL,
         memory=MemoryKind.FILE,
         consistency=Consistency.FULL,
         vm_state=VMState.RUNNING,
-        created="2026-01-01T00:00:00Z",
         disks=(DiskSnapshot("vda", DiskSnapshotKind.EXTERNAL, "/a.qcow2"),),
         memory_file=f"/{name}.mem",
         **kwargs,

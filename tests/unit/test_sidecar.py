@@ -9,33 +9,20 @@ from pathlib import Path
 
 import attrs
 import pytest
+from helpers import make_snapshot
 
 from qemusnap import sidecar
 from qemusnap.models import (
-    Consistency,
     DiskSnapshot,
     DiskSnapshotKind,
-    MemoryKind,
     Snapshot,
-    SnapshotKind,
-    VMState,
 )
 from qemusnap.plan import ImageGraph, plan_merge_away
 from qemusnap.store import DiskRecord, Store
 
 
 def snap(name: str, parent: str | None, image: Path) -> Snapshot:
-    return Snapshot(
-        name=name,
-        parent=parent,
-        kind=SnapshotKind.INTERNAL,
-        memory=MemoryKind.NONE,
-        consistency=Consistency.CRASH,
-        vm_state=VMState.SHUTOFF,
-        created="2026-01-01T00:00:00Z",
-        disks=(DiskSnapshot("vda", DiskSnapshotKind.INTERNAL, str(image)),),
-        description="a / any name",
-    )
+    return make_snapshot(name, parent, image=image, description="a / any name")
 
 
 def sidecars(directory: Path) -> dict[str, dict[str, object]]:

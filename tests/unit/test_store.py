@@ -6,30 +6,25 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from helpers import make_snapshot
 
 from qemusnap.errors import SnapshotExistsError, SnapshotNotFoundError
 from qemusnap.models import (
     Consistency,
-    DiskSnapshot,
-    DiskSnapshotKind,
     MemoryKind,
     Snapshot,
-    SnapshotKind,
     VMState,
 )
 from qemusnap.store import _ADDED_COLUMNS, DiskRecord, Store, VMLock
 
 
 def snap(name: str, parent: str | None) -> Snapshot:
-    return Snapshot(
-        name=name,
-        parent=parent,
-        kind=SnapshotKind.INTERNAL,
+    return make_snapshot(
+        name,
+        parent,
         memory=MemoryKind.INTERNAL,
         consistency=Consistency.FULL,
         vm_state=VMState.RUNNING,
-        created="2026-01-01T00:00:00Z",
-        disks=(DiskSnapshot("vda", DiskSnapshotKind.INTERNAL, "/a.qcow2"),),
         description="d",
     )
 

@@ -1,13 +1,10 @@
 from __future__ import annotations
 
 import pytest
+from helpers import make_snapshot
 
 from qemusnap.errors import InvalidNameError, SnapshotNotFoundError
 from qemusnap.models import (
-    Consistency,
-    DiskSnapshot,
-    DiskSnapshotKind,
-    MemoryKind,
     Snapshot,
     SnapshotKind,
     VMState,
@@ -18,15 +15,12 @@ from qemusnap.tree import SnapshotTree, plan_delete, validate_name
 def snap(
     name: str, parent: str | None, *, current: bool = False, external: bool = False
 ) -> Snapshot:
-    return Snapshot(
-        name=name,
-        parent=parent,
+    return make_snapshot(
+        name,
+        parent,
+        image="/x.qcow2",
         kind=SnapshotKind.EXTERNAL if external else SnapshotKind.INTERNAL,
-        memory=MemoryKind.NONE,
-        consistency=Consistency.CRASH,
         vm_state=VMState.RUNNING,
-        created="2026-01-01T00:00:00Z",
-        disks=(DiskSnapshot("vda", DiskSnapshotKind.INTERNAL, "/x.qcow2"),),
         current=current,
     )
 
